@@ -1,0 +1,257 @@
+"""Typed, validated configuration shared by the CLI, the Ray jobs and the serving app.
+
+Each field carries a docstring right under it (as in litgpt); `field_docs` reads those docstrings from the
+source so that `fingerprint <command> --help` explains every flag from the same text a reader of this file sees.
+Validation collects every problem first and raises once, naming the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, fields
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; the message lists each with its flag."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tf_efficientnet_lite0"
+    """Any timm model name (e.g. resnet18, mobilenetv2_100, tf_efficientnet_lite0, inception_v3, resnet50)."""
+    weights: str = "hub"
+    """Pretrained weights: a local timm state-dict file (.safetensors/.pth/.bin), 'hub' to download timm's default
+    weights (needs the model hub to be reachable), or 'none' for random initialisation."""
+    embed_dim: int = 128
+    """Dimension of the L2-normalised embedding produced by the projection head."""
+    image_size: int | None = None
+    """Square input size in pixels; None keeps the model's own (timm data config). Smaller is much faster on CPU."""
+    in_chans: int = 1
+    """Input channels: 1 feeds gray images to a first conv whose RGB kernels are summed (timm), 3 replicates gray."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.backbone:
+            out.append(f"{flag('backbone')}: give a timm model name, e.g. resnet18")
+        if self.weights not in ("hub", "none") and not Path(self.weights).is_file():
+            out.append(
+                f"{flag('weights')}: file '{self.weights}' does not exist; give a local timm state dict "
+                "(e.g. ../shared/weights/tf_efficientnet_lite0.safetensors), 'hub' or 'none'"
+            )
+        if self.embed_dim < 2:
+            out.append(f"{flag('embed_dim')}: must be >= 2 (got {self.embed_dim})")
+        if self.image_size is not None and self.image_size < 16:
+            out.append(f"{flag('image_size')}: must be >= 16 pixels (got {self.image_size})")
+        if self.in_chans not in (1, 3):
+            out.append(f"{flag('in_chans')}: must be 1 or 3 (got {self.in_chans})")
+        return out
+
+
+@dataclass
+class ScoreConfig:
+    k: int = 5
+    """Number of nearest generated images whose similarities make a real image's membership score."""
+    reduction: Literal["mean", "max", "median"] = "mean"
+    """How the k nearest similarities are reduced to one score."""
+    calibrate: bool = True
+    """Subtract each image's similarity to its k nearest other real images (density ratio): an image that is close
+    to everything is not evidence of membership."""
+    threshold_method: Literal["max_f1", "fpr", "real_to_real"] = "max_f1"
+    """Decision threshold: 'max_f1' maximises F1 on labelled dev images, 'fpr' keeps the false-positive rate on
+    not-used images at --target-fpr, 'real_to_real' needs no labels (quantile of real-to-real scores)."""
+    target_fpr: float = 0.05
+    """Target false-positive rate for --threshold-method fpr."""
+    real_quantile: float = 0.5
+    """Quantile of the real-to-real reference scores used as threshold by --threshold-method real_to_real."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.k < 1:
+            out.append(f"{flag('k')}: must be >= 1 (got {self.k})")
+        if self.reduction not in ("mean", "max", "median"):
+            out.append(f"{flag('reduction')}: one of mean, max, median (got {self.reduction!r})")
+        if self.threshold_method not in ("max_f1", "fpr", "real_to_real"):
+            out.append(
+                f"{flag('threshold_method')}: one of max_f1, fpr, real_to_real (got {self.threshold_method!r})"
+            )
+        if not 0.0 < self.target_fpr < 1.0:
+            out.append(f"{flag('target_fpr')}: must be in (0, 1) (got {self.target_fpr})")
+        if not 0.0 < self.real_quantile < 1.0:
+            out.append(f"{flag('real_quantile')}: must be in (0, 1) (got {self.real_quantile})")
+        return out
+
+
+@dataclass
+class TrainConfig(ScoreConfig, ModelConfig):
+    data: str = ""
+    """Benchmark folder: with dev/ and test/ subfolders (ImageCLEF layout), or a single labelled dev folder or
+    manifest CSV. Dev generated images are anchors, used images positives, not-used images negatives; test
+    generated images (if any) are extra anchors."""
+    out: str = "runs/train"
+    """Output folder for the checkpoint (model.pt + meta.json), metrics and pictures."""
+    epochs: int = 5
+    """Passes over --triplets-per-epoch triplets."""
+    triplets_per_epoch: int = 512
+    """Triplets drawn (seeded) per epoch; anchors are balanced between dev and test generated images."""
+    batch_size: int = 32
+    """Triplets per optimisation step (per worker when distributed)."""
+    lr: float = 1e-4
+    """AdamW learning rate for the backbone; the head uses 10x."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    margin: float = 0.5
+    """Triplet margin alpha in Eq. (1): max(||a-p||^2 - ||a-n||^2 + alpha, 0) on L2-normalised embeddings."""
+    mining: Literal["none", "batch_hard", "semi_hard"] = "none"
+    """Triplet selection: 'none' uses the sampled triplets as they are (the seed's scheme); 'batch_hard' and
+    'semi_hard' re-pair each anchor with positives and negatives mined within the batch."""
+    augment: bool = True
+    """Augment positives (flips, small rotations, crops, brightness), as in the seed notebook."""
+    val_fraction: float = 0.25
+    """Fraction of labelled dev images (whole groups) held out for validation each epoch; 0 disables."""
+    seed: int = 0
+    """Seed for splits, triplet sampling, augmentation and initialisation."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: 'auto' picks CUDA when available."""
+    amp: bool = True
+    """Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU."""
+    loader_workers: int = 0
+    """DataLoader worker processes (0 loads in the training process, best on 2-core machines)."""
+    skip_bad: bool = False
+    """Skip unreadable image files (listed in the log) instead of stopping at the first one."""
+
+    def problems(self) -> list[str]:
+        out = ModelConfig.problems(self) + ScoreConfig.problems(self)
+        if not self.data:
+            out.append(f"{flag('data')}: required, a benchmark folder such as ../shared/bench/ctbench-s1")
+        elif not Path(self.data).exists():
+            out.append(f"{flag('data')}: '{self.data}' does not exist")
+        for name in ("epochs", "triplets_per_epoch", "batch_size"):
+            if getattr(self, name) < 1:
+                out.append(f"{flag(name)}: must be >= 1 (got {getattr(self, name)})")
+        for name in ("lr", "margin"):
+            if not getattr(self, name) > 0:
+                out.append(f"{flag(name)}: must be > 0 (got {getattr(self, name)})")
+        if self.weight_decay < 0:
+            out.append(f"{flag('weight_decay')}: must be >= 0 (got {self.weight_decay})")
+        if self.mining not in ("none", "batch_hard", "semi_hard"):
+            out.append(f"{flag('mining')}: one of none, batch_hard, semi_hard (got {self.mining!r})")
+        if not 0.0 <= self.val_fraction < 0.9:
+            out.append(f"{flag('val_fraction')}: must be in [0, 0.9) (got {self.val_fraction})")
+        if self.device not in ("auto", "cpu", "cuda"):
+            out.append(f"{flag('device')}: one of auto, cpu, cuda (got {self.device!r})")
+        if self.loader_workers < 0:
+            out.append(f"{flag('loader_workers')}: must be >= 0")
+        return out
+
+
+def validate(config: Any) -> Any:
+    """Raise ConfigError listing every problem of `config` (each naming its flag); return it unchanged if fine."""
+    problems = config.problems()
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def subset(cls: type[C], config: Any) -> C:
+    """The part of `config` that `cls` describes, e.g. the ModelConfig of a TrainConfig."""
+    return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    """Build `cls` from a dict, ignoring keys it does not know (older or newer checkpoints)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def save_json(config: Any, path: str | Path) -> Path:
+    from fingerprint.io import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(to_dict(config), indent=2, sort_keys=True))
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string right under each field) for `cls` and its dataclass bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _parse_optional(inner: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else inner(text)
+
+    parse.__name__ = inner.__name__
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per dataclass field, with its docstring as help and its default shown."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        # argparse %-formats help text; the formatter adds the default itself.
+        kwargs: dict[str, Any] = {"default": default, "help": docs.get(f.name, "").replace("%", "%%")}
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            kwargs["choices"] = list(args)
+        elif origin in (types.UnionType, typing.Union) and type(None) in args:
+            inner = next(a for a in args if a is not type(None))
+            kwargs["type"] = _parse_optional(inner)
+        elif tp in (int, float, str):
+            kwargs["type"] = tp
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: unsupported field type {tp}")
+        parser.add_argument(flag(f.name), dest=f.name, **kwargs)
+
+
+def from_args(cls: type[C], namespace: argparse.Namespace) -> C:
+    values = vars(namespace)
+    return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})  # type: ignore[call-arg]
