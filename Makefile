@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh clone: `make demo` (the main job) and `make test` (the whole suite).
+# Each creates .venv and installs the project (editable, with the dev extra) the first time.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/fingerprint demo
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -ra
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs mlruns mlflow.db .pytest_cache
