@@ -73,9 +73,9 @@ class ScoreConfig:
     """Number of nearest generated images whose similarities make a real image's membership score."""
     reduction: Literal["mean", "max", "median"] = "mean"
     """How the k nearest similarities are reduced to one score."""
-    calibrate: bool = True
-    """Subtract each image's similarity to its k nearest other real images (density ratio): an image that is close
-    to everything is not evidence of membership."""
+    calibrate: bool = False
+    """Subtract each image's similarity to its k nearest other real images (a k-NN density ratio). Off by default:
+    on ctbench-s0 it hurt, because the real pool holds other training images that cluster together."""
     threshold_method: Literal["max_f1", "fpr", "real_to_real"] = "max_f1"
     """Decision threshold: 'max_f1' maximises F1 on labelled dev images, 'fpr' keeps the false-positive rate on
     not-used images at --target-fpr, 'real_to_real' needs no labels (quantile of real-to-real scores)."""
