@@ -39,6 +39,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -537,7 +538,9 @@ def _components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
             return parent
 
 
-def infer_groups(images: np.ndarray, threshold: float = 0.98, thumb: int = 16) -> np.ndarray:
+def infer_groups(
+    images: np.ndarray, threshold: float = 0.98, thumb: int = 16, linkage: Literal["single", "average"] = "single"
+) -> np.ndarray:
     """Group near-duplicate images (e.g. neighbouring CT slices of one patient) when no patient ids exist.
 
     Each image is area-downscaled to ``thumb x thumb``; pairs whose normalised (Pearson) correlation is at
@@ -550,8 +553,15 @@ def infer_groups(images: np.ndarray, threshold: float = 0.98, thumb: int = 16) -
     joined. The right value depends on the images: a warning is raised when one group takes over half of
     the images, which usually means the threshold is too low.
 
+    ``linkage="average"`` clusters instead by average linkage on ``1 - correlation`` cut at
+    ``1 - threshold``: a group joins another only if their images are alike *on average*, so one chance
+    pair cannot chain two patients together. On the ctbench sets, ``threshold=0.95, thumb=32,
+    linkage="average"`` gives about 150 groups over 360 images with no dev group mixing used and not-used
+    images, whereas single linkage needs a very high threshold to avoid chaining. It needs the full
+    ``N x N`` distance matrix (8 N^2 bytes), so it suits pools of up to ~10,000 images.
+
     ``images``: ``(N, H, W)`` (or ``(N, 1, H, W)``) array. Returns ``(N,)`` int64 group ids 0..G-1, numbered
-    in order of first appearance. Memory is bounded by comparing in row blocks.
+    in order of first appearance. Memory for single linkage is bounded by comparing in row blocks.
     """
     x = np.asarray(images)
     if x.ndim == 4 and x.shape[1] == 1:
@@ -562,6 +572,8 @@ def infer_groups(images: np.ndarray, threshold: float = 0.98, thumb: int = 16) -
         raise ValueError(f"threshold is a correlation and must lie in [-1, 1], got {threshold}")
     if thumb < 2:
         raise ValueError(f"thumb must be at least 2, got {thumb}")
+    if linkage not in ("single", "average"):
+        raise ValueError(f"linkage must be 'single' or 'average', got {linkage!r}")
     n, h, w = x.shape
     if n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -576,6 +588,59 @@ def infer_groups(images: np.ndarray, threshold: float = 0.98, thumb: int = 16) -
     z[~flat] /= norm[~flat, None]
     z[flat] = 0.0
 
+    if linkage == "average":
+        ids = _average_linkage_groups(z, flat, mean[:, 0], scale, threshold)
+    else:
+        ids = _single_linkage_groups(z, flat, mean[:, 0], scale, threshold)
+    biggest = int(np.bincount(ids).max())
+    if n >= 10 and biggest > n // 2:
+        warnings.warn(
+            f"infer_groups: one group holds {biggest} of {n} images at threshold {threshold}; whole-group "
+            "splits will be lopsided or impossible. The threshold is probably too low for these images "
+            "(similar-looking scans correlate highly); try a higher one such as 0.98.",
+            stacklevel=2,
+        )
+    return ids.astype(np.int64)
+
+
+def _flat_levels(flat: np.ndarray, mean: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of constant thumbnails and, for each, the index of the first constant one at its level."""
+    flat_idx = np.flatnonzero(flat)
+    if len(flat_idx) == 0:
+        return flat_idx, flat_idx
+    levels = np.round(mean[flat_idx] / (1e-3 * scale))
+    _, first, inv = np.unique(levels, return_index=True, return_inverse=True)
+    return flat_idx, flat_idx[first[inv]]
+
+
+def _average_linkage_groups(z: np.ndarray, flat: np.ndarray, mean: np.ndarray, scale: float,
+                            threshold: float) -> np.ndarray:
+    from scipy.cluster.hierarchy import fcluster
+    from scipy.cluster.hierarchy import linkage as hlinkage
+    from scipy.spatial.distance import squareform
+
+    n = len(z)
+    if n == 1:
+        return np.zeros(1, dtype=np.int64)
+    corr = z @ z.T
+    flat_idx, head = _flat_levels(flat, mean, scale)
+    if len(flat_idx) > 1:
+        same = head[:, None] == head[None, :]
+        corr[np.ix_(flat_idx, flat_idx)] = np.where(same, 1.0, 0.0)
+    dist = np.clip(1.0 - corr, 0.0, 2.0)
+    dist = (dist + dist.T) / 2  # exact symmetry for squareform
+    np.fill_diagonal(dist, 0.0)
+    tree = hlinkage(squareform(dist, checks=False), method="average")
+    # A tiny slack so that a pair exactly at the threshold is joined, as with single linkage's ">=".
+    labels = fcluster(tree, t=(1.0 - threshold) + 1e-12, criterion="distance")
+    _, first = np.unique(labels, return_index=True)
+    order = np.argsort(np.argsort(first))  # cluster -> rank of its first member
+    return order[np.unique(labels, return_inverse=True)[1]]
+
+
+def _single_linkage_groups(z: np.ndarray, flat: np.ndarray, mean: np.ndarray, scale: float,
+                           threshold: float) -> np.ndarray:
+    n = len(z)
     src: list[np.ndarray] = []
     dst: list[np.ndarray] = []
     block = max(1, 2**22 // n)  # ~32 MB of float64 correlations per block
@@ -586,25 +651,14 @@ def infer_groups(images: np.ndarray, threshold: float = 0.98, thumb: int = 16) -
         keep = a < b
         src.append(a[keep])
         dst.append(b[keep])
-    flat_idx = np.flatnonzero(flat)
+    flat_idx, head = _flat_levels(flat, mean, scale)
     if len(flat_idx) > 1:
         # Constant images (e.g. blank slices) are duplicates of each other when their level matches.
-        levels = np.round(mean[flat_idx, 0] / (1e-3 * scale))
-        _, first, inv = np.unique(levels, return_index=True, return_inverse=True)
-        head = flat_idx[first[inv]]
         src.append(head[head != flat_idx])
         dst.append(flat_idx[head != flat_idx])
     roots = _components(n, np.concatenate(src), np.concatenate(dst))
     _, ids = np.unique(roots, return_inverse=True)  # roots are smallest members: ids follow first appearance
-    biggest = int(np.bincount(ids).max())
-    if n >= 10 and biggest > n // 2:
-        warnings.warn(
-            f"infer_groups: one group holds {biggest} of {n} images at threshold {threshold}; whole-group "
-            "splits will be lopsided or impossible. The threshold is probably too low for these images "
-            "(similar-looking scans correlate highly); try a higher one such as 0.98.",
-            stacklevel=2,
-        )
-    return ids.astype(np.int64)
+    return ids
 
 
 def _group_table(labels: Sequence, groups: Sequence | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ Writes `submission.csv` (one `<id>,<0|1>` line per real image, no header, as Ima
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +137,10 @@ def main(config: PredictConfig) -> Path:
     real = target.role("real_unknown") or target.real
     if not real:
         raise ConfigError([f"{flag('data')}: {target.root} holds no real images to score ({target.summary()})"])
-    generated = target.generated + (dev.generated if test is not None else [])
+    # Dev and test generated files share names (gen_00001.png in both): qualify the dev ones in the evidence.
+    generated = target.generated + (
+        [replace(it, id=f"dev/{it.id}") for it in dev.generated] if test is not None else []
+    )
     reference = real + (dev.real if test is not None else [])
     threshold = ckpt.threshold if config.threshold is None else config.threshold
     log.info("scoring %d real images against %d generated (k=%d, threshold=%.4f)",

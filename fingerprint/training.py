@@ -85,17 +85,17 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     sources = np.array([0 if it.path.is_relative_to(dev.root) else 1 for it in gen_items])
     unknown = test.role("real_unknown") if test is not None else []
     unknown_images, _, _ = fpdata.load_images(unknown, skip_bad=True)
-    tr = [i for i in train_idx]
     return TrainingData(
         anchors=gallery,
         anchor_sources=sources,
-        positives=[images[i] for i in tr if labels[i] == 1],
-        negatives=[images[i] for i in tr if labels[i] == 0],
+        positives=[images[i] for i in train_idx if labels[i] == 1],
+        negatives=[images[i] for i in train_idx if labels[i] == 0],
         val_images=[images[i] for i in val_idx],
         val_labels=labels[val_idx],
         val_ids=[labelled[i].id for i in val_idx],
         gallery=gallery,
-        gallery_ids=[it.id for it in gen_items],
+        gallery_ids=[("dev/" if src == 0 and test is not None else "") + it.id
+                     for it, src in zip(gen_items, sources, strict=True)],
         reference=images + unknown_images,
         split={"train": [labelled[i].id for i in train_idx], "val": [labelled[i].id for i in val_idx]},
     )
