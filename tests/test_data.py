@@ -303,6 +303,26 @@ def test_infer_groups_chain_and_warning() -> None:
         infer_groups(rng.random((12, 16, 16)) * 0.01 + np.linspace(0, 1, 256).reshape(16, 16))
 
 
+def test_infer_groups_average_linkage_does_not_chain() -> None:
+    rng = np.random.default_rng(1)
+    a, c = rng.random((2, 16, 16))
+    b = (a + c) / 2
+    chain = np.stack([a, b, c])
+    # Single linkage chains a~b~c; average linkage keeps a and c apart (b joins one of them).
+    assert len(set(infer_groups(chain, threshold=0.6).tolist())) == 1
+    g = infer_groups(chain, threshold=0.6, linkage="average")
+    assert len(set(g.tolist())) == 2 and g[0] != g[2]
+    # Near copies and blank images group exactly as with single linkage, ids in order of first appearance.
+    base = rng.random((5, 32, 32))
+    copies = np.clip(base + rng.normal(0, 0.02, base.shape), 0, 1)
+    images = np.concatenate([base, copies, np.zeros((2, 32, 32)), np.ones((1, 32, 32))])
+    g = infer_groups(images, linkage="average")
+    assert g.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 5, 6]
+    assert infer_groups(images[:1], linkage="average").tolist() == [0]
+    with pytest.raises(ValueError, match="linkage"):
+        infer_groups(images, linkage="complete")  # type: ignore[arg-type]
+
+
 def _labels_groups(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels, groups = [], []
