@@ -167,7 +167,7 @@ def get_alias(registered_model: str, alias: str) -> ModelVersion | None:
         raise
 
 
-def _describe(registered_model: str) -> str:
+def describe_model(registered_model: str) -> str:
     client = MlflowClient()
     try:
         rm = client.get_registered_model(registered_model)
@@ -190,7 +190,7 @@ def download_checkpoint(
     mv = get_alias(registered_model, alias)
     if mv is None:
         raise RegistryError(
-            f"registered model '{registered_model}' has no alias '{alias}' ({_describe(registered_model)}); "
+            f"registered model '{registered_model}' has no alias '{alias}' ({describe_model(registered_model)}); "
             f"run `fingerprint promote --model {registered_model}` after a training run, or choose another alias"
         )
     dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"{registered_model}-v{mv.version}-"))

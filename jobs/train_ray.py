@@ -293,11 +293,13 @@ def choose_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
     return result.checkpoint, dict(result.metrics or {})
 
 
-def write_run_reports(out: Path, checkpoint_dir: Path, config: RayTrainConfig) -> list[Path]:
+def write_run_reports(out: Path, checkpoint_dir: Path, config: RayTrainConfig,
+                      history: list[dict[str, float]] | None = None) -> list[Path]:
     """History, training curves and the validation pictures (ROC, histograms, confusion, evidence) of a checkpoint.
 
     The scores come from validation.npz (computed on rank 0 during training); images are read again here only
-    for the evidence picture.
+    for the evidence picture. `history` (the whole run's, from the latest checkpoint) defaults to the history
+    saved with this checkpoint, which ends at its epoch.
     """
     from fingerprint.checkpoint import load_training_state
     from fingerprint.scoring import Scores
@@ -306,7 +308,7 @@ def write_run_reports(out: Path, checkpoint_dir: Path, config: RayTrainConfig) -
 
     state = load_training_state(checkpoint_dir) or {}
     meta = json.loads((checkpoint_dir / "meta.json").read_text())
-    history = list(state.get("history", []))
+    history = list(history if history is not None else state.get("history", []))
     npz = checkpoint_dir / "validation.npz"
     validation = None
     data = None
@@ -389,7 +391,7 @@ def run_training(
         local = run_out / "checkpoint"
         with checkpoint.as_directory() as folder:
             _copy_checkpoint(Path(folder), local)
-        reports = write_run_reports(run_out, local, config)
+        reports = write_run_reports(run_out, local, config, history=_latest_history(result))
         epoch = int(metrics.get("epoch", json.loads((local / "meta.json").read_text()).get("epoch", -1)))
         log.info("%s: selected epoch %d (%s=%s) from %s", config.run_name, epoch, config.select_metric,
                  metrics.get(config.select_metric), checkpoint.path)
@@ -406,6 +408,16 @@ def run_training(
         return TrainRayResult(config.run_name, local, {k: float(v) for k, v in metrics.items()
                                                        if isinstance(v, int | float)},
                               result.path, run_id, version, reports)
+
+
+def _latest_history(result: Any) -> list[dict[str, float]] | None:
+    from fingerprint.checkpoint import load_training_state
+
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as folder:
+        state = load_training_state(folder)
+    return None if state is None else list(state.get("history", []))
 
 
 REGISTERED_TAG = "fingerprint.registered_version"

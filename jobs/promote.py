@@ -1,0 +1,205 @@
+"""`fingerprint promote`: move the `champion` alias to the challenger only when it is better on the same split.
+
+    fingerprint promote --model fingerprint-sample --metric val_auc --min-improvement 0.01 --require val_f1
+    fingerprint promote --model fingerprint-sample --dry-run      # print the decision, change nothing
+    fingerprint promote --model fingerprint-sample --history      # every recorded alias change
+
+Rules, in order: the candidate (alias `challenger` unless --candidate names another alias or a version number)
+must exist and carry --metric and every --require metric; with no champion yet it becomes champion; otherwise both
+versions must have been validated on the same locked split (hash of the validation ids recorded at registration),
+and the candidate must beat the champion's --metric by more than zero and by at least --min-improvement. A
+refusal prints which rule failed and the numbers behind it. Aliases only: registry stages are deprecated.
+
+The alias moves in one registry call before anything else happens, so a failure never leaves the model without a
+champion; the change (from, to, metrics, run ids, time) is then recorded in the model's alias history, which MLflow
+itself does not keep.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from fingerprint.cli import Command
+from fingerprint.config import flag, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PromoteConfig:
+    model: str = ""
+    """Registered model name (e.g. fingerprint-sample: 'fingerprint-<dataset folder>' by default in train-ray)."""
+    metric: str = "val_auc"
+    """Validation metric that decides (higher is better), as recorded with each version."""
+    min_improvement: float = 0.0
+    """How much the candidate must beat the champion's --metric by (absolute); it must always be strictly better."""
+    require: str = ""
+    """Comma-separated metrics the candidate must carry (e.g. val_f1,val_tpr_at_1fpr)."""
+    candidate: str = "challenger"
+    """Alias or version number of the version to promote."""
+    champion: str = "champion"
+    """Alias that serving and `fingerprint predict --model models:/...@champion` follow."""
+    dry_run: bool = False
+    """Print the decision without moving any alias."""
+    history: bool = False
+    """Print the recorded alias changes of --model and stop."""
+    tracking_uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI holding the registry (relative sqlite paths are relative to this folder)."""
+
+    def required(self) -> list[str]:
+        return [m.strip() for m in self.require.split(",") if m.strip()]
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.model:
+            out.append(f"{flag('model')}: required, the registered model name")
+        if not self.metric:
+            out.append(f"{flag('metric')}: required, e.g. val_auc")
+        if not math.isfinite(self.min_improvement) or self.min_improvement < 0:
+            out.append(f"{flag('min_improvement')}: must be a number >= 0 (got {self.min_improvement})")
+        if not self.candidate:
+            out.append(f"{flag('candidate')}: an alias (challenger) or a version number")
+        if not self.champion or self.champion.isdigit():
+            out.append(f"{flag('champion')}: an alias name such as champion")
+        if self.candidate == self.champion:
+            out.append(f"{flag('candidate')}: must differ from {flag('champion')}")
+        if not self.tracking_uri:
+            out.append(f"{flag('tracking_uri')}: required (e.g. sqlite:///mlflow.db)")
+        return out
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reason: str
+    candidate: str | None = None
+    """Version number of the candidate (None when it could not be found)."""
+    champion: str | None = None
+    """Version number of the champion before the decision."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    applied: bool = False
+    """True when the alias actually moved (not a dry run)."""
+
+
+def decide(config: PromoteConfig) -> Decision:
+    """The decision for the registry as it is now; changes nothing."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from jobs import registry
+
+    client = MlflowClient()
+    if config.candidate.isdigit():
+        try:
+            cand = client.get_model_version(config.model, config.candidate)
+        except MlflowException:
+            return Decision(False, f"refused: {config.model} has no version {config.candidate} "
+                                   f"({registry.describe_model(config.model)})")
+    else:
+        cand = registry.get_alias(config.model, config.candidate)
+        if cand is None:
+            return Decision(False, f"refused: {config.model} has no alias '{config.candidate}' "
+                                   f"({registry.describe_model(config.model)}); train with `fingerprint train-ray` or "
+                                   "`fingerprint sweep`, which set it, or pass --candidate VERSION")
+    champ = registry.get_alias(config.model, config.champion)
+    cm = registry.version_metrics(cand)
+    numbers: dict[str, Any] = {f"candidate_{config.metric}": cm.get(config.metric),
+                               "candidate_run_id": cand.run_id}
+    need = [config.metric, *config.required()]
+    missing = [m for m in need if m not in cm or not math.isfinite(cm[m])]
+    if missing:
+        return Decision(False, f"refused: version {cand.version} lacks required metric(s) {missing} (it has "
+                               f"{sorted(cm) or 'none'}); was it trained with validation (--val-fraction > 0)?",
+                        cand.version, champ.version if champ else None, numbers)
+    if champ is None:
+        return Decision(True, f"no '{config.champion}' yet: version {cand.version} becomes the first champion "
+                              f"({config.metric}={cm[config.metric]:.4f})", cand.version, None, numbers)
+    numbers.update({f"champion_{config.metric}": None, "champion_run_id": champ.run_id})
+    if champ.version == cand.version:
+        return Decision(False, f"nothing to do: version {cand.version} is already '{config.champion}'",
+                        cand.version, champ.version, numbers)
+    split_c, split_k = (cand.tags or {}).get(registry.SPLIT_TAG, ""), (champ.tags or {}).get(registry.SPLIT_TAG, "")
+    if not split_c or split_c != split_k:
+        return Decision(False, (
+            f"refused: version {cand.version} and champion version {champ.version} were not validated on the same "
+            f"locked split (split hashes {split_c[:12] or 'missing'} vs {split_k[:12] or 'missing'}); their "
+            f"{config.metric} values are not comparable. Retrain the candidate on the champion's data and seed "
+            f"(see split.json in either run) before promoting"), cand.version, champ.version, numbers)
+    km = registry.version_metrics(champ)
+    numbers[f"champion_{config.metric}"] = km.get(config.metric)
+    if config.metric not in km or not math.isfinite(km[config.metric]):
+        return Decision(False, f"refused: champion version {champ.version} has no {config.metric} to compare with "
+                               f"(it has {sorted(km) or 'none'}); choose another --metric",
+                        cand.version, champ.version, numbers)
+    gain = cm[config.metric] - km[config.metric]
+    numbers["improvement"] = gain
+    compare = (f"{config.metric} {cm[config.metric]:.4f} (v{cand.version}) vs {km[config.metric]:.4f} "
+               f"(v{champ.version}): {gain:+.4f}")
+    if gain <= 0 or gain < config.min_improvement:
+        need_txt = f"at least {config.min_improvement:g} and more than 0" if config.min_improvement else "more than 0"
+        return Decision(False, f"refused: {compare}; the candidate must be better by {need_txt}",
+                        cand.version, champ.version, numbers)
+    return Decision(True, f"promote: {compare} (>= {config.min_improvement:g})", cand.version, champ.version, numbers)
+
+
+def print_history(model: str) -> list[dict[str, Any]]:
+    from fingerprint.metrics import format_table
+    from jobs import registry
+
+    events = registry.alias_history(model)
+    if not events:
+        print(f"{model}: no alias change recorded yet")
+        return events
+    rows = [{"time": e.get("time"), "alias": e.get("alias"), "from": e.get("from_version") or "-",
+             "to": e.get("to_version"), "reason": e.get("reason"),
+             "metrics": ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in (e.get("metrics") or {}).items() if not k.endswith("run_id")),
+             "to_run": (e.get("to_run_id") or "")[:12]} for e in events]
+    print(format_table(rows, ["time", "alias", "from", "to", "reason", "metrics", "to_run"]))
+    return events
+
+
+def main(config: PromoteConfig) -> Decision:
+    """Decide, explain, and (unless --dry-run) move the champion alias with a recorded history entry."""
+    import mlflow
+
+    from jobs import registry
+    from jobs.tracking import resolve_tracking_uri
+
+    validate(config)
+    mlflow.set_tracking_uri(resolve_tracking_uri(config.tracking_uri))
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient().get_registered_model(config.model)
+    except MlflowException as e:
+        raise ValueError(f"--model: {registry.describe_model(config.model)} in {config.tracking_uri}") from e
+    if config.history:
+        print_history(config.model)
+        return Decision(False, "history shown")
+    decision = decide(config)
+    if decision.promote and not config.dry_run:
+        registry.set_alias(config.model, config.champion, decision.candidate, reason=decision.reason,
+                           metrics={k: v for k, v in decision.metrics.items() if v is not None})
+        decision.applied = True
+    prefix = "[dry run] " if config.dry_run else ""
+    print(f"{prefix}{config.model}: {decision.reason}")
+    if decision.applied:
+        print(f"{config.model}: '{config.champion}' -> version {decision.candidate}"
+              + (f" (was {decision.champion})" if decision.champion else ""))
+    return decision
+
+
+def command() -> Command:
+    """Entry point for the `fingerprint.commands` group: `fingerprint promote`."""
+    return Command(PromoteConfig, main, (__doc__ or "").strip().splitlines()[0])
+
+
+if __name__ == "__main__":
+    from jobs._cli import run_command
+
+    raise SystemExit(run_command("promote", command))
