@@ -1,0 +1,558 @@
+"""Ray Serve app: membership scores over HTTP, with dynamic batching, exact gallery search and hot swap.
+
+Run locally (Ray starts in-process; Ctrl-C stops it):
+
+    fingerprint serve --checkpoint runs/s1/checkpoint --gallery data/sample --reference data/sample
+    # or, from the registry:  --registered-model fingerprint-ctbench --tracking-uri sqlite:///mlflow.db
+    curl -s localhost:8000/healthz
+    curl -s -F files=@data/sample/test/real_unknown/real_unknown_0001.png localhost:8000/v1/score
+
+Production (a long-lived Ray cluster, or KubeRay's RayService with the same YAML under serveConfigV2):
+
+    ray start --head
+    serve deploy serve/config.yaml            # edit user_config first: model source, gallery, reference
+    # after `fingerprint promote` moved the alias: bump user_config.reload in the YAML, then
+    serve deploy serve/config.yaml            # replicas reconfigure in place onto the new champion
+
+The YAML was written by `serve build serve.app:app -o serve/config.yaml` (import_path: serve.app:app).
+
+API (OpenAPI at /docs): POST /v1/embed, POST /v1/score (multipart `files`, base64 JSON, or a raw image body),
+GET /v1/model, GET /healthz.
+
+One deployment, not two. The only expensive step is the forward pass; the gallery search is one
+(batch x D) @ (D x gallery) product, well under a millisecond for tens of thousands of generated images,
+and the gallery (gallery x D float32, 50 MB for 100k x 128) fits in every replica. A separate search
+deployment would add a handle call per batch (serialisation plus scheduling, about a millisecond here, more
+than the search itself) and another process competing for the same cores, and buy nothing: both parts scale
+with the request rate, so they scale together by adding replicas (num_replicas or autoscaling_config). Split
+when a gallery no longer fits a replica's memory (then shard it over search replicas and merge top-k), or
+when the embedder runs on GPU replicas that should not hold the gallery.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real types (Request) on the ingress methods.
+import asyncio
+import base64
+import binascii
+import collections
+import hmac
+import json
+import logging
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fingerprint.config import ConfigError
+from serve.config import ServeConfig, from_user_config
+from serve.model import InputError, ModelState, decode_image, load_state
+
+log = logging.getLogger("ray.serve")
+
+DEFAULT_MAX_ONGOING_REQUESTS = 64
+"""Per replica: several full batches can queue while one runs (must be >= max_batch_size to fill batches)."""
+
+# ---------------------------------------------------------------------------------------------------------
+# Request and response schemas (also what /docs shows)
+
+
+class ImageJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = Field(None, description="Your name for the image, echoed in the answer (default: its index).")
+    data: str = Field(..., description="The PNG or JPEG file, base64-encoded.")
+
+
+class ImagesJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    images: list[ImageJSON] = Field(..., min_length=1, description="One or several images.")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    alias: str | None
+
+
+class Neighbour(BaseModel):
+    id: str
+    similarity: float
+
+
+class ScoreResult(BaseModel):
+    id: str
+    score: float = Field(..., description="Membership score: higher = more likely in the generator's training set.")
+    decision: bool = Field(..., description="score >= threshold: predicted to have been in the training set.")
+    generated_similarity: float = Field(..., description="Mean (or --reduction) similarity to the k nearest "
+                                                         "generated images.")
+    real_similarity: float | None = Field(..., description="The same against the real reference pool "
+                                                           "(calibration); null when scores are not calibrated.")
+    nearest: list[Neighbour] = Field(..., description="The k nearest generated images, most similar first.")
+
+
+class ScoreResponse(BaseModel):
+    model: ModelRef
+    threshold: float
+    k: int
+    calibrated: bool
+    results: list[ScoreResult]
+
+
+class EmbeddingResult(BaseModel):
+    id: str
+    embedding: list[float]
+
+
+class EmbedResponse(BaseModel):
+    model: ModelRef
+    dim: int
+    results: list[EmbeddingResult]
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(..., description="Stable machine-readable code, e.g. not_an_image, image_too_large.")
+    detail: str = Field(..., description="What is wrong and what to do.")
+    items: list[str] = Field(default_factory=list, description="The request items concerned.")
+
+
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 413, 415, 422, 503)}
+
+_IMAGE_BODY_SCHEMA = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {"type": "object", "required": ["files"], "properties": {
+                "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                          "description": "One or several PNG/JPEG files (field name 'files')."}}}},
+        "application/json": {"schema": {
+            "type": "object", "required": ["images"], "additionalProperties": False,
+            "properties": {"images": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["data"], "additionalProperties": False,
+                "properties": {"id": {"type": "string"}, "data": {"type": "string", "format": "byte"}}}}}}},
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+api = FastAPI(
+    title="fingerprint membership scoring",
+    version="1",
+    description="Was this real image in the training set of the generator that made the gallery? "
+                "Scores real images against the generated images by nearest neighbours in a learnt embedding.",
+)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str, items: list[str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.items = status, code, detail, items or []
+
+
+def _error(status: int, code: str, detail: str, items: list[str] | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail, "items": items or []}, status_code=status, headers=headers)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return _error(e.status, e.code, e.detail, e.items, headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    msgs = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+    return _error(422, "invalid_request", "; ".join(msgs))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+    return _error(e.status_code, codes.get(e.status_code, "http_error"), str(e.detail))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading images from a request
+
+
+def _pydantic_problems(e: ValidationError) -> str:
+    out = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        if err["type"] == "extra_forbidden":
+            out.append(f"{where}: unknown field; allowed: images[].id, images[].data")
+        else:
+            out.append(f"{where}: {err['msg']}")
+    return "; ".join(out)
+
+
+async def read_images(request: Request, cfg: ServeConfig) -> list[tuple[str, bytes]]:
+    """(item name, encoded bytes) for each image of a multipart, JSON or raw-image request."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limit = cfg.max_images_per_request * (cfg.max_image_bytes * 4 // 3 + 1024) + 65536
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, "request_too_large",
+                       f"request body of {length} bytes is over {limit} bytes (max_images_per_request x "
+                       "max_image_bytes); send fewer or smaller images per request")
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=cfg.max_images_per_request + 1, max_fields=16)
+        items: list[tuple[str, bytes]] = []
+        others = []
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                items.append((value.filename or f"{key}[{len(items)}]", await value.read()))
+            else:
+                others.append(key)
+        if others:
+            raise ApiError(422, "unknown_field", f"unknown form field(s) {', '.join(sorted(set(others)))}; send "
+                           "the images as file parts named 'files'", sorted(set(others)))
+        if not items:
+            raise ApiError(400, "no_images", "the multipart form holds no files; send -F files=@image.png")
+    else:
+        body = await request.body()
+        if not body:
+            raise ApiError(400, "empty_body", "empty request body; send images as multipart 'files', as JSON "
+                           '{"images": [{"data": "<base64>"}]}, or one PNG/JPEG as the body')
+        if ctype == "application/json":
+            try:
+                payload = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ApiError(400, "malformed_json", f"the body is not valid JSON ({e})") from e
+            try:
+                parsed = ImagesJSON.model_validate(payload)
+            except ValidationError as e:
+                raise ApiError(422, "invalid_request", _pydantic_problems(e)) from e
+            items = []
+            for i, img in enumerate(parsed.images):
+                name = img.id or f"images[{i}]"
+                try:
+                    items.append((name, base64.b64decode(img.data, validate=True)))
+                except (binascii.Error, ValueError) as e:
+                    raise ApiError(422, "invalid_base64", f"{name}: 'data' is not valid base64 ({e})", [name]) from e
+        elif ctype in ("image/png", "image/jpeg", "application/octet-stream"):
+            items = [(request.query_params.get("id", "image"), body)]
+        else:
+            raise ApiError(415, "unsupported_media_type",
+                           f"content type {ctype or '(none)'} is not accepted; use multipart/form-data, "
+                           "application/json, image/png or image/jpeg")
+    if len(items) > cfg.max_images_per_request:
+        raise ApiError(413, "too_many_images", f"{len(items)} images in one request; the limit is "
+                       f"{cfg.max_images_per_request} (max_images_per_request)")
+    return items
+
+
+class BatchStats:
+    """Observed batch sizes (per replica), so that batching can be seen working from outside."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.batches = 0
+        self.images = 0
+        self.histogram: collections.Counter[int] = collections.Counter()
+        self.recent: collections.deque[int] = collections.deque(maxlen=64)
+
+    def record(self, size: int) -> None:
+        self.batches += 1
+        self.images += size
+        self.histogram[size] += 1
+        self.recent.append(size)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches, "images": self.images,
+                "mean_batch_size": round(self.images / self.batches, 3) if self.batches else None,
+                "max_observed_batch_size": max(self.histogram) if self.histogram else None,
+                "histogram": {str(k): v for k, v in sorted(self.histogram.items())},
+                "recent": list(self.recent)}
+
+
+def _model_ref(state: ModelState) -> dict[str, Any]:
+    return {"name": state.info["name"], "version": state.version, "alias": state.info.get("alias")}
+
+
+def _embed_and_score(state: ModelState, tensors: list[torch.Tensor], want: list[bool]) -> list[tuple[Any, Any]]:
+    """One forward for the batch, then one gallery matrix product for the items that asked for scores."""
+    emb = state.embed(tensors)
+    rows: list[Any] = [None] * len(tensors)
+    pick = [i for i, w in enumerate(want) if w]
+    if pick:
+        s = state.score(emb[pick])
+        for j, i in enumerate(pick):
+            rows[i] = (float(s.score[j]), float(s.generated_similarity[j]),
+                       None if s.real_similarity is None else float(s.real_similarity[j]),
+                       s.nearest[j].tolist(), [float(v) for v in s.nearest_similarity[j]])
+    return [(emb[i], rows[i]) for i in range(len(tensors))]
+
+
+def _max_ongoing_requests() -> int | None:
+    try:
+        return int(serve.get_replica_context()._deployment_config.max_ongoing_requests)
+    except Exception:  # a private attribute: tolerate its absence in other Ray versions
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The deployment. Everything the class uses must be defined above it: `serve.ingress` serialises the class
+# when it is decorated, so a module-level helper defined further down would be missing in the replica.
+
+
+@serve.deployment(max_ongoing_requests=DEFAULT_MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class FingerprintService:
+    """One replica: a model state (swapped whole on reload), a batched embedder, the HTTP routes."""
+
+    def __init__(self) -> None:
+        self._state: ModelState | None = None
+        self._cfg: ServeConfig | None = None
+        self._token = ""
+        self._reload_lock = asyncio.Lock()
+        self._reload_error: str | None = None
+        self._swaps: list[dict[str, Any]] = []
+        self.stats = BatchStats()
+
+    # -- settings and hot swap ------------------------------------------------------------------------------
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a new user_config: batch settings at once; model, gallery, reference only if they changed.
+
+        The first call (replica start) raises on any problem, so a bad config fails the deployment with the
+        message. Later calls never raise: Serve would replace the replica and drop requests in flight, so a
+        failed reload keeps serving the old model and reports the error in /v1/model and the log.
+        """
+        async with self._reload_lock:
+            try:
+                cfg = from_user_config(user_config)
+            except ConfigError as e:
+                if self._state is None:
+                    raise
+                self._reload_error = str(e)
+                log.error("reconfigure rejected, still serving %s: %s", self._state.version, e)
+                return
+            self._apply_settings(cfg)
+            if self._state is not None and self._cfg is not None and cfg.data_source() == self._cfg.data_source():
+                self._cfg = cfg
+                self._reload_error = None
+                return
+            try:
+                # In a thread: the event loop keeps serving requests on the old state while the new one loads.
+                state = await asyncio.to_thread(load_state, cfg)
+            except Exception as e:
+                if self._state is None:
+                    raise
+                self._reload_error = f"{type(e).__name__}: {e}"
+                log.exception("reload failed, still serving version %s", self._state.version)
+                return
+            old = self._state
+            self._state = state  # the swap: one reference; requests already running keep the old state
+            self._cfg = cfg
+            self._reload_error = None
+            event = {"from_version": old.version if old else None, "to_version": state.version,
+                     "source": state.info["source"], "time": state.info["loaded_at"]}
+            self._swaps.append(event)
+            log.info("serving %s version %s (%s, weights sha256 %s)%s", state.info["name"], state.version,
+                     state.info["source"], state.info["checkpoint_sha256"][:12],
+                     f", swapped from version {old.version}" if old else "")
+
+    def _apply_settings(self, cfg: ServeConfig) -> None:
+        self._embed_batch.set_max_batch_size(cfg.max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        self._token = cfg.token()
+        limit = _max_ongoing_requests()
+        if limit is not None and cfg.max_batch_size > limit:
+            log.warning("max_batch_size %d > max_ongoing_requests %d: batches of one-image requests cannot "
+                        "fill; raise max_ongoing_requests in the deployment options", cfg.max_batch_size, limit)
+
+    def _ready(self) -> tuple[ModelState, ServeConfig]:
+        if self._state is None or self._cfg is None:
+            raise ApiError(503, "not_ready", "the model is still loading; retry in a few seconds")
+        return self._state, self._cfg
+
+    def _check_auth(self, request: Request) -> None:
+        if not self._token:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token.encode()):
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token; send 'Authorization: Bearer <token>'")
+
+    # -- batching ---------------------------------------------------------------------------------------------
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _embed_batch(self, items: list[tuple[ModelState, torch.Tensor, bool]]) -> list[Any]:
+        """Embed (and score) a batch of single images; each item's answer is a tuple, or its own exception.
+
+        Items carry the state their request started with; during a swap a batch can hold both, so it runs
+        one forward per state. A failing forward is retried image by image, so only the culprit fails.
+        """
+        self.stats.record(len(items))
+        groups: dict[int, list[int]] = collections.defaultdict(list)
+        for i, (state, _, _) in enumerate(items):
+            groups[id(state)].append(i)
+        out: list[Any] = [None] * len(items)
+        for idx in groups.values():
+            state = items[idx[0]][0]
+            try:
+                results = await asyncio.to_thread(_embed_and_score, state, [items[i][1] for i in idx],
+                                                  [items[i][2] for i in idx])
+            except Exception:
+                log.exception("batch of %d failed; retrying its images one by one", len(idx))
+                results = []
+                for i in idx:
+                    try:
+                        results += await asyncio.to_thread(_embed_and_score, state, [items[i][1]], [items[i][2]])
+                    except Exception as e:
+                        results.append(e)
+            for i, r in zip(idx, results, strict=True):
+                out[i] = r
+        return out
+
+    async def _run(self, request: Request, want_scores: bool) -> tuple[ModelState, list[str], list[Any]]:
+        self._check_auth(request)
+        state, cfg = self._ready()  # one snapshot for the whole request
+        raw = await read_images(request, cfg)
+        names, tensors, problems = [], [], []
+        for name, data in raw:
+            try:
+                tensors.append(state.preprocess(decode_image(data, name, cfg.max_image_bytes, cfg.max_image_pixels)))
+                names.append(name)
+            except InputError as e:
+                problems.append(e)
+        if problems:
+            # Every bad item is named, not just the first, so the client can fix them all at once.
+            first = problems[0]
+            raise ApiError(first.status, first.code, "; ".join(str(p) for p in problems),
+                           [p.item for p in problems if p.item])
+        results = await asyncio.gather(*(self._embed_batch((state, t, want_scores)) for t in tensors))
+        failed = [(n, r) for n, r in zip(names, results, strict=True) if isinstance(r, Exception)]
+        if failed:
+            raise ApiError(500, "embedding_failed",
+                           "; ".join(f"{n}: {type(r).__name__}: {r}" for n, r in failed), [n for n, _ in failed])
+        return state, names, list(results)
+
+    # -- routes -----------------------------------------------------------------------------------------------
+
+    @api.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS,
+              openapi_extra={"requestBody": _IMAGE_BODY_SCHEMA},
+              summary="Membership score, decision and nearest generated images for each uploaded real image")
+    async def score(self, request: Request) -> dict[str, Any]:
+        state, names, results = await self._run(request, want_scores=True)
+        gallery_ids = state.gallery.ids
+        out = []
+        for name, (_, row) in zip(names, results, strict=True):
+            score, gen_sim, real_sim, nearest, nearest_sim = row
+            out.append({"id": name, "score": score, "decision": bool(score >= state.threshold),
+                        "generated_similarity": gen_sim, "real_similarity": real_sim,
+                        "nearest": [{"id": gallery_ids[j], "similarity": s} for j, s in zip(nearest, nearest_sim,
+                                                                                                strict=True)]})
+        return {"model": _model_ref(state), "threshold": state.threshold, "k": state.score_config.k,
+                "calibrated": state.calibrated, "results": out}
+
+    @api.post("/v1/embed", response_model=EmbedResponse, responses=_ERRORS,
+              openapi_extra={"requestBody": _IMAGE_BODY_SCHEMA},
+              summary="L2-normalised embeddings of the uploaded images")
+    async def embed(self, request: Request) -> dict[str, Any]:
+        state, names, results = await self._run(request, want_scores=False)
+        return {"model": _model_ref(state), "dim": int(state.info["embed_dim"]),
+                "results": [{"id": n, "embedding": r[0].tolist()} for n, r in zip(names, results, strict=True)]}
+
+    @api.get("/v1/model", summary="The served model version, gallery, scoring and batch settings, batch stats")
+    async def model_info(self, request: Request) -> dict[str, Any]:
+        self._check_auth(request)
+        state, cfg = self._ready()
+        ctx = serve.get_replica_context()
+        return {
+            **_model_ref(state),
+            "source": state.info["source"], "run_id": state.info.get("run_id"),
+            "checkpoint_sha256": state.info["checkpoint_sha256"], "backbone": state.info.get("backbone"),
+            "embed_dim": state.info["embed_dim"], "loaded_at": state.info["loaded_at"],
+            "gallery": {"size": len(state.gallery.ids), "source": state.gallery.source},
+            "reference": ({"size": len(state.reference.ids), "source": state.reference.source}
+                          if state.reference is not None else None),
+            "threshold": state.threshold, "k": state.score_config.k, "reduction": state.score_config.reduction,
+            "calibrated": state.calibrated, "device": str(state.device),
+            "batching": {"max_batch_size": self._embed_batch._get_max_batch_size(),
+                         "batch_wait_timeout_s": self._embed_batch._get_batch_wait_timeout_s(),
+                         "max_ongoing_requests": _max_ongoing_requests(), **self.stats.as_dict()},
+            "limits": {"max_image_bytes": cfg.max_image_bytes, "max_image_pixels": cfg.max_image_pixels,
+                       "max_images_per_request": cfg.max_images_per_request},
+            "auth": bool(self._token), "reload": cfg.reload, "reload_error": self._reload_error,
+            "swaps": self._swaps[-10:], "replica": ctx.replica_tag, "torch_threads": torch.get_num_threads(),
+        }
+
+    @api.post("/v1/stats/reset", summary="Forget the batch-size statistics of the replica that answers")
+    async def reset_stats(self, request: Request) -> dict[str, Any]:
+        self._check_auth(request)
+        self.stats.reset()
+        return {"reset": True, "replica": serve.get_replica_context().replica_tag}
+
+    @api.get("/healthz", summary="200 when a model is loaded and serving")
+    async def healthz(self) -> JSONResponse:
+        if self._state is None:
+            return _error(503, "not_ready", "the model is still loading")
+        return JSONResponse({"status": "ok", "model": _model_ref(self._state), "reload_error": self._reload_error})
+
+    def check_health(self) -> None:
+        """Serve's own health probe: a replica without a model is not healthy."""
+        if self._state is None:
+            raise RuntimeError("no model loaded")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building the application
+
+
+DEPLOYMENT_ARGS = ("num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests",
+                   "max_ongoing_requests", "num_cpus")
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder: `args` holds ServeConfig fields (the user_config) and deployment options.
+
+    Deployment options: num_replicas (default 1), or min_replicas/max_replicas/target_ongoing_requests for
+    autoscaling; max_ongoing_requests (default 64); num_cpus per replica (default 1).
+    Usable as `serve run serve.app:build_app checkpoint=... gallery=...` or from Python.
+    """
+    args = dict(args)
+    dep = {k: args.pop(k) for k in DEPLOYMENT_ARGS if k in args}
+    user_config = from_user_config(args)  # fail here, on the driver, with every problem listed
+    options: dict[str, Any] = {
+        "user_config": {k: v for k, v in vars(user_config).items() if v != getattr(ServeConfig, k, None)},
+        "max_ongoing_requests": int(dep.get("max_ongoing_requests", DEFAULT_MAX_ONGOING_REQUESTS)),
+        "ray_actor_options": {"num_cpus": float(dep.get("num_cpus", 1))},
+    }
+    if "min_replicas" in dep or "max_replicas" in dep:
+        options["autoscaling_config"] = {
+            "min_replicas": int(dep.get("min_replicas", 1)), "max_replicas": int(dep.get("max_replicas", 2)),
+            "target_ongoing_requests": float(dep.get("target_ongoing_requests", user_config.max_batch_size))}
+    else:
+        options["num_replicas"] = int(dep.get("num_replicas", 1))
+    if options["max_ongoing_requests"] < user_config.max_batch_size:
+        raise ConfigError([f"max_ongoing_requests ({options['max_ongoing_requests']}) must be >= max_batch_size "
+                           f"({user_config.max_batch_size}), or batches can never fill"])
+    return FingerprintService.options(**options).bind()
+
+
+# What `serve build serve.app:app` exports: edit user_config in serve/config.yaml (the paths are the replica's).
+DEFAULT_USER_CONFIG: dict[str, Any] = {
+    "registered_model": "fingerprint",
+    "alias": "champion",
+    "tracking_uri": "sqlite:///mlflow.db",
+    "gallery": "data/sample",
+    "reference": "data/sample",
+    "max_batch_size": 16,
+    "batch_wait_timeout_s": 0.01,
+    "reload": 0,
+}
+
+app = FingerprintService.options(
+    user_config=DEFAULT_USER_CONFIG,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+).bind()
