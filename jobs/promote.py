@@ -87,14 +87,12 @@ class Decision:
 def decide(config: PromoteConfig) -> Decision:
     """The decision for the registry as it is now; changes nothing."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     from jobs import registry
 
-    client = MlflowClient()
     if config.candidate.isdigit():
         try:
-            cand = client.get_model_version(config.model, config.candidate)
+            cand = registry.get_version(config.model, config.candidate)
         except MlflowException:
             return Decision(False, f"refused: {config.model} has no version {config.candidate} "
                                    f"({registry.describe_model(config.model)})")

@@ -139,9 +139,21 @@ def log_checkpoint_model(
     }
     for key, value in version_tags.items():
         client.set_model_version_tag(registered_model, version, key, value)
-    mv = client.get_model_version(registered_model, version)
+    mv = get_version(registered_model, version)
     log.info("registered %s version %s (run %s)", registered_model, version, mv.run_id)
     return mv
+
+
+def _normalized(mv: ModelVersion) -> ModelVersion:
+    # The sqlite store hands back versions as int, a tracking server as str (the declared type): callers compare
+    # and print them, so make them always str.
+    mv._version = str(mv.version)
+    return mv
+
+
+def get_version(registered_model: str, version: str | int) -> ModelVersion:
+    """One version by number (MLflow's error when it does not exist)."""
+    return _normalized(MlflowClient().get_model_version(registered_model, str(version)))
 
 
 def version_metrics(mv: ModelVersion) -> dict[str, float]:
@@ -160,7 +172,7 @@ def get_alias(registered_model: str, alias: str) -> ModelVersion | None:
     """The version behind `alias`, or None when the alias (or the model) does not exist."""
     client = MlflowClient()
     try:
-        return client.get_model_version_by_alias(registered_model, alias)
+        return _normalized(client.get_model_version_by_alias(registered_model, alias))
     except MlflowException as e:
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
@@ -174,7 +186,7 @@ def describe_model(registered_model: str) -> str:
     except MlflowException:
         names = [m.name for m in client.search_registered_models(max_results=20)]
         return f"no registered model '{registered_model}' (registered: {names or 'none'})"
-    versions = [v.version for v in client.search_model_versions(f"name='{registered_model}'", max_results=50)]
+    versions = [str(v.version) for v in client.search_model_versions(f"name='{registered_model}'", max_results=50)]
     return f"aliases {dict(rm.aliases or {})}, versions {sorted(versions, key=int)}"
 
 
@@ -239,7 +251,7 @@ def set_alias(
     """
     client = MlflowClient()
     version = str(version)
-    target = client.get_model_version(registered_model, version)  # fails early, with MLflow's message
+    target = get_version(registered_model, version)  # fails early, with MLflow's message
     previous = get_alias(registered_model, alias)
     client.set_registered_model_alias(registered_model, alias, version)
     event = {

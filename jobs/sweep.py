@@ -130,13 +130,17 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], sweep: str) -> Ra
     return config
 
 
-def sweep_trial(params: dict[str, Any]) -> None:
-    """One Tune trial: build this point's config and train it with Ray Train, reporting each epoch to Tune."""
+def sweep_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_name: str,
+                parent_run_id: str | None) -> None:
+    """One Tune trial: build this point's config and train it with Ray Train, reporting each epoch to Tune.
+
+    `params` is the grid point; the rest is bound with `tune.with_parameters`, so Tune's tables show only the grid.
+    """
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    config = trial_config(params["base"], params, params["sweep_name"])
-    run_training(config, parent_run_id=params.get("parent_run_id"), callbacks=[TuneReportCallback()],
-                 tags={"sweep": params["sweep_name"], "trial": config.run_name})
+    config = trial_config(base, params, sweep_name)
+    run_training(config, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()],
+                 tags={"sweep": sweep_name, "trial": config.run_name})
 
 
 def fitted_concurrency(config: SweepConfig, n_trials: int) -> int:
@@ -189,9 +193,10 @@ def main(config: SweepConfig) -> SweepResult:
         tracking.log_params_flat({**to_dict(config), "n_trials": n_trials})
     try:
         param_space = {k: ray.tune.grid_search(v) for k, v in grid.items()}
-        param_space.update(base=to_dict(config), sweep_name=sweep,
-                           parent_run_id=parent.info.run_id if parent is not None else None)
-        trainable = ray.tune.with_resources(sweep_trial, TRIAL_RESOURCES)
+        trainable = ray.tune.with_resources(
+            ray.tune.with_parameters(sweep_trial, base=to_dict(config), sweep_name=sweep,
+                                     parent_run_id=parent.info.run_id if parent is not None else None),
+            TRIAL_RESOURCES)
         path = str(Path(config.storage_path) / sweep) if "://" not in config.storage_path \
             else f"{config.storage_path.rstrip('/')}/{sweep}"
         if ray.tune.Tuner.can_restore(path):

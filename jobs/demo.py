@@ -1,0 +1,147 @@
+"""`fingerprint demo`: the whole loop on this machine: sample data, Ray sweep, MLflow, promotion, predictions, report.
+
+    fingerprint demo                                   # what `make demo` runs; about 5 minutes on 2 CPU cores
+    fingerprint demo --weights-dir ../shared/weights   # start backbones that have an offline file from it
+
+Steps, all under --out (default runs/demo):
+  1. sample/: a benchmark made here (CT-like phantoms and a small generator that memorised a known half of the
+     patients), never copied from elsewhere;
+  2. a sweep over --backbones on an embedded local Ray, 2 workers per trial, MLflow in mlflow.db (artifacts in
+     mlartifacts/), each trial's model registered as a new version of fingerprint-sample, the best = challenger;
+  3. promotion: challenger -> champion when it beats the champion on the same validation split;
+  4. the champion downloaded from the registry, `fingerprint predict` on the test part (real_unknown images),
+     `fingerprint evaluate` against the sample's test_labels.csv.
+Run it again and finished work is reused: the data stays, the sweep is restored, promotion finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fingerprint.cli import Command
+from fingerprint.config import flag, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    """Folder for everything the demo writes (data, MLflow store, Ray storage, reports, predictions)."""
+    backbones: str = "resnet18,mobilenetv2_100,tf_efficientnet_lite0"
+    """Comma-separated timm backbones to sweep (two or three small ones keep the demo within minutes)."""
+    weights: str = "none"
+    """Starting weights for backbones without a file in --weights-dir: 'none' (random, offline) or 'hub'."""
+    weights_dir: str = ""
+    """Folder of offline weights named <backbone>.safetensors (e.g. ../shared/weights); empty = --weights."""
+    image_size: int = 64
+    """Image size for the sample data and the models."""
+    epochs: int = 3
+    """Epochs per trial."""
+    triplets_per_epoch: int = 256
+    """Triplets per epoch (split between the workers)."""
+    num_workers: int = 2
+    """Ray Train workers per trial."""
+    patients: int = 30
+    """Sample-data patients (half of them train the generator)."""
+    seed: int = 0
+    """Seed for the data, the split and training."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not [b for b in self.backbones.split(",") if b.strip()]:
+            out.append(f"{flag('backbones')}: give at least one timm model name")
+        if self.weights not in ("none", "hub"):
+            out.append(f"{flag('weights')}: 'none' or 'hub' (use --weights-dir for files)")
+        if self.weights_dir and not Path(self.weights_dir).is_dir():
+            out.append(f"{flag('weights_dir')}: '{self.weights_dir}' is not a folder")
+        for name, low in (("image_size", 16), ("epochs", 1), ("triplets_per_epoch", 8), ("num_workers", 1),
+                          ("patients", 5)):
+            if getattr(self, name) < low:
+                out.append(f"{flag(name)}: must be >= {low} (got {getattr(self, name)})")
+        return out
+
+
+@dataclass
+class DemoResult:
+    data: Path
+    tracking_uri: str
+    registered_model: str
+    champion: str | None
+    submission: Path
+    metrics: dict[str, Any]
+    seconds: float
+
+
+def main(config: DemoConfig) -> DemoResult:
+    """Run every step (reusing finished ones) and print where to look."""
+    from fingerprint import evaluate, predict
+    from fingerprint.phantoms import make_sample_dataset
+    from jobs import promote, registry, sweep
+    from jobs.tracking import resolve_tracking_uri
+
+    validate(config)
+    t0 = time.perf_counter()
+    out = Path(config.out).resolve()
+    data = out / "sample"
+    if not (data / "test_labels.csv").is_file():
+        log.info("step 1/4: writing sample data to %s", data)
+        make_sample_dataset(data, n_patients=config.patients, size=config.image_size, seed=config.seed,
+                            n_reference_patients=config.patients, overwrite=data.exists())
+    else:
+        log.info("step 1/4: reusing sample data in %s", data)
+    tracking_uri = resolve_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    model_name = "fingerprint-sample"
+
+    log.info("step 2/4: sweep over %s", config.backbones)
+    swept = sweep.main(sweep.SweepConfig(
+        data=str(data), out=str(out / "sweep"), storage_path=str(out / "ray"), tracking_uri=tracking_uri,
+        registered_model=model_name, experiment=model_name, backbones=config.backbones, weights=config.weights,
+        weights_dir=config.weights_dir, image_size=config.image_size, embed_dim=64, epochs=config.epochs,
+        triplets_per_epoch=config.triplets_per_epoch, batch_size=16, num_workers=config.num_workers,
+        seed=config.seed, augment=True, checkpoints_to_keep=1,
+    ))
+
+    log.info("step 3/4: promotion")
+    decision = promote.main(promote.PromoteConfig(model=model_name, metric="val_auc", require="val_f1",
+                                                  tracking_uri=tracking_uri))
+    mv = registry.get_alias(model_name, "champion")
+    if mv is None:
+        raise RuntimeError(f"no champion after promotion ({decision.reason}); see the sweep table above")
+
+    log.info("step 4/4: predict and evaluate with champion version %s", mv.version)
+    _, ckpt = registry.download_checkpoint(model_name, "champion", out / "champion")
+    submission = predict.main(predict.PredictConfig(model=str(ckpt), data=str(data), out=str(out / "predict")))
+    metrics = evaluate.main(evaluate.EvaluateConfig(scores=str(out / "predict" / "scores.csv"),
+                                                    labels=str(data / "test_labels.csv"), out=str(out / "evaluate"),
+                                                    n_boot=500))
+    seconds = time.perf_counter() - t0
+    db = tracking_uri.removeprefix("sqlite:///")
+    print(f"""
+Done in {seconds / 60:.1f} min. Where to look:
+  sweep table         {out / 'sweep' / (swept.sweep_name + '.md')}
+  per-trial reports   {out / 'sweep'}/<trial>/  (training curves, validation ROC, histograms, confusion, evidence)
+  champion            {model_name} version {mv.version}  ->  {ckpt}
+  predictions         {submission}  and  {out / 'predict' / 'scores.csv'}, evidence.png
+  test metrics        {out / 'evaluate' / 'metrics.md'}
+  alias history       fingerprint promote --model {model_name} --tracking-uri {tracking_uri} --history
+  MLflow UI           mlflow ui --backend-store-uri sqlite:///{db}   (then open http://127.0.0.1:5000)
+  Ray checkpoints     {out / 'ray'}
+""")
+    return DemoResult(data, tracking_uri, model_name, mv.version, submission,
+                      {k: v[0] for k, v in metrics.items()}, seconds)
+
+
+def command() -> Command:
+    """Entry point for the `fingerprint.commands` group: `fingerprint demo`."""
+    return Command(DemoConfig, main, (__doc__ or "").strip().splitlines()[0])
+
+
+if __name__ == "__main__":
+    from jobs._cli import run_command
+
+    raise SystemExit(run_command("demo", command))

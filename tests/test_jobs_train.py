@@ -1,0 +1,80 @@
+"""Ray Train job on a real local Ray with a real sqlite MLflow store: train, track, register, resume."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+from ray_fixtures import ray_local  # noqa: F401  (fixture)
+
+from fingerprint.checkpoint import load_checkpoint
+from fingerprint.config import ConfigError, field_docs
+from jobs import registry, train_ray
+from jobs.train_ray import RayTrainConfig
+
+
+def test_config_problems_name_flags(tmp_path):
+    cfg = RayTrainConfig(data=str(tmp_path), num_workers=0, min_workers=3, cpus_per_worker=0, max_failures=-2,
+                         run_name="bad name", device="cuda")
+    with pytest.raises(ConfigError) as e:
+        train_ray.main(cfg)
+    text = str(e.value)
+    for f in ("--num-workers", "--min-workers", "--cpus-per-worker", "--max-failures", "--run-name", "--device"):
+        assert f in text
+    docs = field_docs(RayTrainConfig)
+    assert "storage" in docs["storage_path"] and docs["backbone"]  # inherited fields keep their --help text
+
+
+def test_run_names_are_stable_and_follow_the_settings(tmp_path):
+    a = train_ray.resolved(RayTrainConfig(data=str(tmp_path / "bench"), backbone="resnet18", out="x"))
+    b = train_ray.resolved(RayTrainConfig(data=str(tmp_path / "bench"), backbone="resnet18", out="y",
+                                          storage_path="elsewhere", max_failures=5))
+    c = train_ray.resolved(RayTrainConfig(data=str(tmp_path / "bench"), backbone="resnet18", lr=3e-4))
+    assert a.run_name == b.run_name != c.run_name and a.run_name.startswith("resnet18-")
+    assert a.experiment == a.registered_model == "fingerprint-bench"
+    assert a.tracking_uri == f"sqlite:///{(tmp_path.cwd() / 'mlflow.db').resolve()}"
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_local")
+def test_train_ray_tracks_registers_and_resumes(sample_bench, tiny_train_kwargs, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = RayTrainConfig(data=str(sample_bench), out=str(tmp_path / "out"), storage_path=str(tmp_path / "ray"),
+                         tracking_uri=uri, num_workers=2, **tiny_train_kwargs)
+    out = train_ray.main(cfg)
+
+    # checkpoint: loadable, with what scoring needs, and the validation split
+    ckpt = load_checkpoint(out.checkpoint)
+    assert ckpt.meta["config"]["num_workers"] == 2 and set(ckpt.meta["score"]) >= {"k", "threshold"}
+    assert out.metrics["world_size"] == 2 and 0 <= out.metrics["val_auc"] <= 1
+    run_dir = tmp_path / "out" / out.run_name
+    for name in ("training_curves.png", "val_roc.png", "val_scores.png", "val_confusion.png", "val_evidence.png",
+                 "split.json", "history.json"):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert len(json.loads((run_dir / "history.json").read_text())) == 2  # the whole run, not just the epoch kept
+
+    # MLflow: one experiment per dataset, full config as params, per-epoch metrics, reports, model version
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("fingerprint-sample")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.run_name == out.run_name and run.info.status == "FINISHED"
+    assert run.data.params["backbone"] == "resnet18" and run.data.params["num_workers"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [0, 1]
+    reports = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert {"reports/val_roc.png", "reports/val_evidence.png", "reports/split.json"} <= reports
+    assert "config.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert out.model_version == "1" and run.data.tags[registry.SPLIT_TAG]
+    mlflow_uri_version = registry.get_alias("fingerprint-sample", "challenger")
+    assert mlflow_uri_version.version == "1" and mlflow_uri_version.run_id == run.info.run_id
+
+    # the same command again resumes the finished run: no new epochs, no twin version, same MLflow run
+    t0 = time.perf_counter()
+    again = train_ray.main(cfg)
+    assert again.run_name == out.run_name and again.model_version == "1"
+    assert again.mlflow_run_id == run.info.run_id
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1]
+    assert len(client.search_model_versions("name='fingerprint-sample'")) == 1
+    assert time.perf_counter() - t0 < 120
