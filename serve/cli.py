@@ -73,7 +73,8 @@ def main(config: ServeCommandConfig) -> None:
     from serve.app import build_app
 
     application = build_app(app_args(config))
-    ray.init(include_dashboard=False)
+    # A new local instance: never deploy into a cluster someone else started on this machine.
+    ray.init(address="local", include_dashboard=False)
     serve.start(http_options={"host": config.host, "port": config.port})
     log.info("deploying; the service answers on http://%s:%d (OpenAPI at /docs) once the model is loaded",
              config.host, config.port)
