@@ -200,7 +200,13 @@ async def read_images(request: Request, cfg: ServeConfig) -> list[tuple[str, byt
                        f"request body of {length} bytes is over {limit} bytes (max_images_per_request x "
                        "max_image_bytes); send fewer or smaller images per request")
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=cfg.max_images_per_request + 1, max_fields=16)
+        try:
+            form = await request.form(max_files=cfg.max_images_per_request + 1, max_fields=16)
+        except StarletteHTTPException as e:  # the multipart parser's own limits and format errors
+            if "Too many files" in str(e.detail):
+                raise ApiError(413, "too_many_images", f"more than {cfg.max_images_per_request} images in one "
+                               "request (max_images_per_request)") from e
+            raise ApiError(400, "malformed_multipart", f"the multipart body cannot be parsed ({e.detail})") from e
         items: list[tuple[str, bytes]] = []
         others = []
         for key, value in form.multi_items():

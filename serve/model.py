@@ -67,8 +67,11 @@ def decode_image(data: bytes, item: str, max_bytes: int, max_pixels: int) -> Ima
             # PIL warns (not raises) between 1x and 2x its own pixel limit; ours below is the one that counts.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-        raise InputError(415, "not_an_image", f"{item}: not a PNG or JPEG image ({type(e).__name__}: {e})",
+    except Image.UnidentifiedImageError as e:
+        raise InputError(415, "not_an_image", f"{item}: not an image (no known image header); send PNG or JPEG bytes",
+                         item) from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on broken headers
+        raise InputError(415, "not_an_image", f"{item}: not a readable PNG or JPEG ({type(e).__name__}: {e})",
                          item) from e
     with im:
         if im.format not in fpdata.IMAGE_FORMATS:
