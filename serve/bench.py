@@ -1,14 +1,14 @@
 """Bounded load test of the scoring service on loopback, beside the offline batched forward (the ceiling).
 
-    python -m serve.bench --out benchmarks/results                         # lite0 at 64 px, phantom data
+    python -m serve.bench --out benchmarks/results --images-per-request 1,8   # lite0 at 64 px, phantom data
     python -m serve.bench --image-size 224 --name lite0-224 --requests 150   # a heavier forward pass
 
-For each mode (dynamic batching on; `max_batch_size=1`) and each concurrency level, N closed-loop clients
-send single-image POST /v1/score requests (multipart, pre-encoded) until --requests have been answered or
---seconds have passed, after a warm-up. Reported: throughput (images/s), latency p50/p95/p99, errors, the
-batch sizes the replica observed, and throughput as a fraction of the offline ceiling: the same model's
-forward pass on pre-processed batches in one process with the same thread count, measured before and after
-the service runs (the machine is shared; the spread shows how much the load moved).
+For each mode (dynamic batching on; `max_batch_size=1`), images per request and concurrency level, N
+closed-loop clients send POST /v1/score requests (multipart, encoded once beforehand) until --requests have
+been answered or --seconds have passed, after a warm-up. Reported: throughput (images/s), latency
+p50/p95/p99, errors, the batch sizes the replica observed, and throughput as a fraction of the offline
+ceiling: the same model's forward pass on pre-processed batches in one process with the same thread count,
+measured before and after the service runs (the machine is shared; the spread shows how much the load moved).
 
 Writes <out>/serve_<name>.json and <out>/serve_<name>.md. Everything runs on this machine: the load
 generator shares the cores with the service, as a co-located client would.
@@ -59,6 +59,8 @@ class BenchConfig:
     """Requests per cell before measuring."""
     concurrency: str = "1,4,16,32"
     """Comma-separated numbers of concurrent clients."""
+    images_per_request: str = "1"
+    """Comma-separated images per request (several per request amortise the HTTP cost per image)."""
     max_batch_size: int = 16
     """Batch size for the batched mode (the other mode uses 1)."""
     batch_wait_timeout_s: float = 0.005
@@ -83,7 +85,7 @@ class BenchConfig:
                 out.append(f"{flag(name)}: must be >= 1")
         if self.seconds <= 0:
             out.append(f"{flag('seconds')}: must be > 0")
-        for name in ("concurrency", "offline_batch_sizes"):
+        for name in ("concurrency", "offline_batch_sizes", "images_per_request"):
             try:
                 values = _ints(getattr(self, name))
                 if not values or min(values) < 1:
@@ -133,10 +135,11 @@ def _request_images(data: Path) -> list[Path]:
     raise FileNotFoundError(f"{data}: no real images (test/real_unknown/*.png) to send")
 
 
-def _multipart(path: Path, boundary: str = "fingerprintbenchboundary") -> tuple[bytes, str]:
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{path.name}\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode()
-    return head + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+def _multipart(paths: list[Path], boundary: str = "fingerprintbenchboundary") -> tuple[bytes, str]:
+    """A multipart body with `paths` as file parts named 'files', encoded once so the client spends no CPU on it."""
+    parts = [(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{p.name}\"\r\n"
+              "Content-Type: image/png\r\n\r\n").encode() + p.read_bytes() + b"\r\n" for p in paths]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,7 +193,7 @@ def offline_ceiling(checkpoint: Path, images: list[Path], batch_sizes: list[int]
 
 
 async def run_load(url: str, bodies: list[tuple[bytes, str]], concurrency: int, requests: int, seconds: float,
-                   warmup: int) -> dict[str, Any]:
+                   warmup: int, images_per_request: int = 1) -> dict[str, Any]:
     """Closed loop: `concurrency` clients, each sending its next request when the previous one answered."""
     import aiohttp
 
@@ -228,8 +231,9 @@ async def run_load(url: str, bodies: list[tuple[bytes, str]], concurrency: int, 
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     lat = np.array(latencies) * 1000
     return {
-        "concurrency": concurrency, "ok": len(latencies), "errors": errors, "wall_s": round(wall, 3),
-        "images_per_s": len(latencies) / wall if wall > 0 else 0.0,
+        "concurrency": concurrency, "images_per_request": images_per_request, "ok": len(latencies),
+        "errors": errors, "wall_s": round(wall, 3),
+        "images_per_s": len(latencies) * images_per_request / wall if wall > 0 else 0.0,
         "latency_ms": {q: float(np.percentile(lat, int(q[1:]))) if len(lat) else None for q in ("p50", "p95", "p99")}
         | {"mean": float(lat.mean()) if len(lat) else None},
         "client_cpu_s": round((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime), 3),
@@ -266,7 +270,8 @@ def serve_cells(config: BenchConfig, checkpoint: Path, data: Path, images: list[
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    bodies = [_multipart(p) for p in images]
+    bodies = {n: [_multipart([images[(i + j) % len(images)] for j in range(n)]) for i in range(len(images))]
+              for n in _ints(config.images_per_request)}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     cells = []
     try:
@@ -282,16 +287,16 @@ def serve_cells(config: BenchConfig, checkpoint: Path, data: Path, images: list[
             info = _get_json(f"{base}/v1/model")
             log.info("%s: serving %s, gallery %d, threads %d", mode, info["backbone"], info["gallery"]["size"],
                      info["torch_threads"])
-            for c in _ints(config.concurrency):
+            for n, c in [(n, c) for n in bodies for c in _ints(config.concurrency)]:
                 _post(f"{base}/v1/stats/reset")
-                cell = asyncio.run(run_load(f"{base}/v1/score", bodies, c, config.requests, config.seconds,
-                                            config.warmup))
+                cell = asyncio.run(run_load(f"{base}/v1/score", bodies[n], c, config.requests, config.seconds,
+                                            config.warmup, n))
                 batching = _get_json(f"{base}/v1/model")["batching"]
                 cell.update(mode=mode, max_batch_size=mbs, mean_batch_size=batching["mean_batch_size"],
                             max_observed_batch_size=batching["max_observed_batch_size"],
                             load_avg_after=os.getloadavg()[0])
-                log.info("%-16s c=%-3d %7.1f img/s  p50 %7.1f ms  p99 %7.1f ms  batch %.2f  errors %s", mode, c,
-                         cell["images_per_s"], cell["latency_ms"]["p50"] or -1, cell["latency_ms"]["p99"] or -1,
+                log.info("%-16s n=%-2d c=%-3d %7.1f img/s  p50 %7.1f ms  p99 %7.1f ms  batch %.2f  errors %s", mode, c,
+                         n, cell["images_per_s"], cell["latency_ms"]["p50"] or -1, cell["latency_ms"]["p99"] or -1,
                          cell["mean_batch_size"] or 0, cell["errors"] or "none")
                 cells.append(cell)
     finally:
@@ -326,15 +331,18 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Ceiling used below: {ceiling:.1f} images/s (best offline forward, before or after).",
         "",
-        "Service: POST /v1/score, one image per request, closed-loop clients on loopback, one replica.",
+        "Service: POST /v1/score (multipart), closed-loop clients on loopback, one replica. Latency is per "
+        "request; images/s counts images.",
         "",
-        "| mode | clients | ok | errors | images/s | vs ceiling | p50 ms | p95 ms | p99 ms | mean batch | max batch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | images/request | clients | ok requests | errors | images/s | vs ceiling | p50 ms | p95 ms | p99 ms "
+        "| mean batch | max batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in result["cells"]:
         lat = c["latency_ms"]
         lines.append(
-            f"| {c['mode']} | {c['concurrency']} | {c['ok']} | {sum(c['errors'].values())} | "
+            f"| {c['mode']} | {c['images_per_request']} | {c['concurrency']} | {c['ok']} | "
+            f"{sum(c['errors'].values())} | "
             f"{c['images_per_s']:.1f} | {c['images_per_s'] / ceiling:.2f} | {lat['p50']:.1f} | {lat['p95']:.1f} | "
             f"{lat['p99']:.1f} | {c['mean_batch_size'] or 0:.2f} | {c['max_observed_batch_size'] or 0} |")
     return "\n".join(lines) + "\n"

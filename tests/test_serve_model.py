@@ -251,3 +251,36 @@ def test_cli_flags(checkpoint, sample_bench):
     assert "host" not in args
     with pytest.raises(ConfigError, match="--max-ongoing-requests"):
         validate(ServeCommandConfig(checkpoint=str(checkpoint), gallery=str(sample_bench), max_batch_size=128))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The load generator's pieces (the load itself needs a running service: python -m serve.bench)
+
+
+def test_bench_pieces(tmp_path, sample_bench):
+    import python_multipart
+
+    from serve.bench import BenchConfig, _multipart, make_checkpoint, markdown, offline_ceiling
+
+    images = sorted((sample_bench / "test" / "real_unknown").glob("*.png"))[:3]
+    body, ctype = _multipart(images)
+    parts: list[bytes] = []  # parsed by python-multipart, the parser behind the service's form reading
+    parser = python_multipart.MultipartParser(ctype.split("boundary=")[1].encode(), {
+        "on_part_begin": lambda: parts.append(b""),
+        "on_part_data": lambda data, start, end: parts.__setitem__(-1, parts[-1] + data[start:end]),
+    })
+    parser.write(body)
+    assert parts == [p.read_bytes() for p in images]
+
+    cfg = BenchConfig(backbone="resnet18", image_size=32, embed_dim=8)
+    ckpt = make_checkpoint(cfg, tmp_path)
+    state = load_state(from_user_config({"checkpoint": str(ckpt), "gallery": str(sample_bench)}))
+    assert not state.calibrated and state.threshold == 0.0 and state.score_config.k == 5
+    off = offline_ceiling(ckpt, images, [1, 2], threads=1, min_seconds=0.1)
+    assert off["ceiling_images_per_s"] > 0 and set(off["forward_images_per_s"]) == {"1", "2"}
+    cell = {"mode": "batched", "images_per_request": 1, "concurrency": 4, "ok": 10, "errors": {},
+            "images_per_s": 5.0, "latency_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0, "mean": 1.5},
+            "mean_batch_size": 2.5, "max_observed_batch_size": 4}
+    text = markdown({"name": "t", "model": "m", "machine": "x", "when": "now", "load_avg_before": 1.0,
+                     "load_avg_after": 1.0, "offline": {"before": off, "after": off}, "cells": [cell]})
+    assert "| batched | 1 | 4 | 10 | 0 | 5.0 |" in text
