@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import platform
 import shutil
 import statistics
@@ -21,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fingerprint.cli import Command
 from fingerprint.config import flag, to_dict, validate
@@ -56,6 +57,9 @@ class BenchTrainConfig(RayTrainConfig):
     """JSON results file (a Markdown table is written beside it)."""
     tracking_uri: str = "none"
     """Benchmarks are not tracked."""
+    backend: Literal["ray", "local"] = "ray"
+    """'ray' times Ray Train runs; 'local' times the library's `fit` in this process (one worker, no Ray: the
+    per-worker speed, e.g. on a GPU machine where Ray is not installed)."""
 
     def worker_counts(self) -> list[int]:
         try:
@@ -72,12 +76,16 @@ class BenchTrainConfig(RayTrainConfig):
             counts = self.worker_counts()
             if not counts or min(counts) < 1:
                 out.append(f"{flag('workers')}: at least one count, each >= 1")
+            if self.backend == "local" and counts != [1]:
+                out.append(f"{flag('workers')}: --backend local runs exactly one worker (give --workers 1)")
         except ValueError as e:
             out.append(str(e))
+        if self.backend not in ("ray", "local"):
+            out.append(f"{flag('backend')}: ray or local (got {self.backend!r})")
         return out
 
 
-def _sample_data(folder: Path, size: int) -> Path:
+def _sample_data(folder: Path, size: int = 64) -> Path:
     from fingerprint.phantoms import make_sample_dataset
 
     make_sample_dataset(folder, n_patients=20, slices_per_patient=4, size=size, n_generated_dev=100,
@@ -108,6 +116,21 @@ def time_workers(config: RayTrainConfig, workers: int) -> dict[str, Any]:
             "wall_seconds": wall}
 
 
+def time_local(config: RayTrainConfig) -> dict[str, Any]:
+    """The library's `fit` in this process on one device: what each Ray worker runs, without Ray."""
+    from fingerprint.training import fit, load_training_data
+
+    data = load_training_data(config)
+    device = "cuda" if config.use_gpu else "cpu"
+    t0 = time.perf_counter()
+    history = fit(config, data, device=__import__("torch").device(device)).history
+    wall = time.perf_counter() - t0
+    per_epoch = [h["triplets"] / h["epoch_seconds"] for h in history]
+    counted = per_epoch[1:] or per_epoch
+    return {"workers": 1, "triplets_per_s": statistics.median(counted), "per_epoch_triplets_per_s": per_epoch,
+            "epoch_seconds": [h["epoch_seconds"] for h in history], "wall_seconds": wall}
+
+
 def main(config: BenchTrainConfig) -> dict[str, Any]:
     """Time each worker count, write the results JSON and Markdown table, and return the results."""
     validate(config)
@@ -115,36 +138,49 @@ def main(config: BenchTrainConfig) -> dict[str, Any]:
     tmp = None
     if not config.data:
         tmp = Path(tempfile.mkdtemp(prefix="fingerprint-bench-data-"))
-        config = dataclasses.replace(config, data=str(_sample_data(tmp / "sample", config.image_size or 64)))
-    try:
-        config = resolved(dataclasses.replace(config, tracking_uri="none"))
-        init_ray()
-        import ray
-        import torch
+        # 64 px phantoms: the transform resizes to --image-size, and phantoms at 224 px take long to make.
+        config = dataclasses.replace(config, data=str(_sample_data(tmp / "sample", 64)))
+    import torch
 
-        rows = []
-        for n in counts:
-            log.info("timing %d worker(s)", n)
-            rows.append(time_workers(config, n))
-            log.info("%d worker(s): %.1f triplets/s", n, rows[-1]["triplets_per_s"])
+    load_before = os.getloadavg()
+    try:
+        if config.backend == "local":
+            # No Ray and no MLflow here: `resolved` would import MLflow for the tracking URI.
+            config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
+            rows = [time_local(config)]
+            resources = {"CPU": float(os.cpu_count() or 0), "GPU": float(torch.cuda.device_count())}
+        else:
+            config = resolved(dataclasses.replace(config, tracking_uri="none"))
+            init_ray()
+            import ray
+
+            rows = []
+            for n in counts:
+                log.info("timing %d worker(s)", n)
+                rows.append(time_workers(config, n))
+                log.info("%d worker(s): %.1f triplets/s", n, rows[-1]["triplets_per_s"])
+            resources = ray.cluster_resources()
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     base = rows[0]["triplets_per_s"]
     for r in rows:
         r["speedup_vs_first"] = r["triplets_per_s"] / base
-    resources = ray.cluster_resources()
     gpu_name = torch.cuda.get_device_name(0) if config.use_gpu and torch.cuda.is_available() else None
     report = {
         "what": "Ray Train data-parallel triplet fine-tuning throughput (triplets per second, all workers)",
         "device": "cuda" if config.use_gpu else "cpu",
         "gpu": gpu_name,
         "amp": bool(config.amp and config.use_gpu),
+        "backend": config.backend,
         "cluster": {k: resources[k] for k in ("CPU", "GPU") if k in resources},
+        # The machine may be shared: a load above its CPU count means the figures are pessimistic.
+        "load_average_1_5_15min": {"before": [round(x, 2) for x in load_before],
+                                   "after": [round(x, 2) for x in os.getloadavg()]},
         "host": {"machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__},
         "settings": {k: v for k, v in to_dict(config).items()
                      if k in ("backbone", "image_size", "embed_dim", "batch_size", "triplets_per_epoch", "epochs",
-                              "cpus_per_worker", "mining", "augment")},
+                              "cpus_per_worker", "mining", "augment", "loader_workers")},
         "results": rows,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -160,8 +196,9 @@ def main(config: BenchTrainConfig) -> dict[str, Any]:
         ["workers", "triplets/s", "speed-up", "epoch s", "wall s"])
     device = f"GPU ({gpu_name}, AMP {'on' if report['amp'] else 'off'})" if config.use_gpu else "CPU"
     md = (f"# Training throughput\n\n{report['settings']['backbone']} at {config.image_size}px, batch "
-          f"{config.batch_size} per worker, {device}, cluster {report['cluster']}, {report['measured_at']}.\n\n"
-          + table + "\n")
+          f"{config.batch_size} per worker, {device}, backend {config.backend}, resources {report['cluster']}, "
+          f"load average before/after {report['load_average_1_5_15min']['before'][0]}/"
+          f"{report['load_average_1_5_15min']['after'][0]}, {report['measured_at']}.\n\n" + table + "\n")
     write_text_atomic(path.with_suffix(".md"), md)
     print(md)
     return report

@@ -62,28 +62,35 @@ class SweepConfig(RayTrainConfig):
     max_concurrent_trials: int = 0
     """Trials at once; 0 = as many as the cluster's CPUs (and GPUs) hold at --num-workers each."""
 
-    def grid(self) -> dict[str, list[Any]]:
-        """The values to sweep (single values included), or raise ValueError naming the flag."""
+    def _grid(self) -> tuple[dict[str, list[Any]], list[str]]:
+        errors: list[str] = []
+
         def parse(name: str, cast: type, default: Any) -> list[Any]:
             text = getattr(self, name)
             if not text.strip():
                 return [default]
             try:
-                values = [cast(v.strip()) for v in text.split(",") if v.strip()]
+                return list(dict.fromkeys(cast(v.strip()) for v in text.split(",") if v.strip()))
             except ValueError as e:
-                raise ValueError(f"{flag(name)}: {e} (give comma-separated numbers)") from e
-            return list(dict.fromkeys(values))
+                errors.append(f"{flag(name)}: {e} (give comma-separated numbers)")
+                return []
 
-        backbones = list(dict.fromkeys(b.strip() for b in self.backbones.split(",") if b.strip()))
-        return {"backbone": backbones, "lr": parse("lrs", float, self.lr),
-                "margin": parse("margins", float, self.margin), "embed_dim": parse("embed_dims", int, self.embed_dim)}
+        grid = {"backbone": list(dict.fromkeys(b.strip() for b in self.backbones.split(",") if b.strip())),
+                "lr": parse("lrs", float, self.lr), "margin": parse("margins", float, self.margin),
+                "embed_dim": parse("embed_dims", int, self.embed_dim)}
+        return grid, errors
+
+    def grid(self) -> dict[str, list[Any]]:
+        """The values to sweep (single values included), or raise ValueError naming the flag."""
+        grid, errors = self._grid()
+        if errors:
+            raise ValueError("; ".join(errors))
+        return grid
 
     def problems(self) -> list[str]:
         out = RayTrainConfig.problems(self)
-        try:
-            grid = self.grid()
-        except ValueError as e:
-            return [*out, str(e)]
+        grid, errors = self._grid()
+        out += errors
         if not grid["backbone"]:
             out.append(f"{flag('backbones')}: give at least one timm model name")
         if any(v <= 0 for v in grid["lr"]):

@@ -38,44 +38,40 @@ def test_grid_and_names(tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
-def test_sweep_runs_each_backbone_tracks_nested_runs_and_resumes(sample_bench, tiny_train_kwargs, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = sweep.SweepConfig(data=str(sample_bench), out=str(tmp_path / "out"), storage_path=str(tmp_path / "ray"),
-                            tracking_uri=uri, backbones="resnet18,mobilenetv2_100", num_workers=2,
-                            **{**tiny_train_kwargs, "epochs": 1})
-    result = sweep.main(cfg)
-    assert [t["backbone"] for t in result.trials] == ["mobilenetv2_100", "resnet18"]
-    assert all(t["status"] == "ok" and t["version"] for t in result.trials)
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("fingerprint-sample")
-    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
-    assert sorted(r.info.run_name for r in children) == sorted(t["name"] for t in result.trials)
-    assert {r.data.params["backbone"] for r in children} == {"resnet18", "mobilenetv2_100"}
-    assert {r.data.tags[REGISTERED_TAG] for r in children} == {"1", "2"}
-    challenger = registry.get_alias("fingerprint-sample", "challenger")
-    assert challenger.version == result.best["version"]
-    assert registry.version_metrics(challenger)["val_auc"] == pytest.approx(result.best["metric"])
-    assert (tmp_path / "out" / f"{result.sweep_name}.md").is_file()
-
-    # the same command restores the finished sweep: same names, nothing retrained or registered twice
-    t0 = time.perf_counter()
-    again = sweep.main(cfg)
-    assert again.sweep_name == result.sweep_name and again.parent_run_id == result.parent_run_id
-    assert [t["version"] for t in again.trials] == [t["version"] for t in result.trials]
-    assert len(client.search_model_versions("name='fingerprint-sample'")) == 2
-    assert time.perf_counter() - t0 < 60
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.usefixtures("ray_local")
-def test_demo_end_to_end_with_one_backbone(tmp_path, capsys):
-    out = demo.main(demo.DemoConfig(out=str(tmp_path / "demo"), backbones="resnet18", image_size=32, epochs=1,
-                                    triplets_per_epoch=32, patients=8))
-    assert out.champion == "1"
-    lines = out.submission.read_text().splitlines()
-    assert lines and all(line.split(",")[1] in ("0", "1") for line in lines)
-    assert (tmp_path / "demo" / "evaluate" / "metrics.md").is_file() and 0 <= out.metrics["auc"] <= 1
+def test_demo_sweeps_backbones_promotes_predicts_and_resumes(tmp_path, capsys):
+    """The main job with two backbones: a Tune sweep of TorchTrainers, nested MLflow runs, a version per trial,
+    the best as challenger then champion, predictions on the test part scored against its labels; run twice."""
+    cfg = demo.DemoConfig(out=str(tmp_path / "demo"), backbones="resnet18,mobilenetv2_100", image_size=32,
+                          epochs=1, triplets_per_epoch=32, patients=8)
+    out = demo.main(cfg)
     printed = capsys.readouterr().out
     assert "mlflow ui --backend-store-uri sqlite:///" in printed and "alias history" in printed
+
+    # the sweep: one nested MLflow run and one registered version per backbone, the best one is challenger
+    client = MlflowClient(out.tracking_uri)
+    exp = client.get_experiment_by_name("fingerprint-sample")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.sweep != '' and params.n_trials = '2'")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {r.data.params["backbone"] for r in children} == {"resnet18", "mobilenetv2_100"}
+    assert {r.data.tags[REGISTERED_TAG] for r in children} == {"1", "2"}
+    best = max(children, key=lambda r: (r.data.metrics["selected_val_auc"], r.data.tags[REGISTERED_TAG]))
+    challenger = registry.get_alias("fingerprint-sample", "challenger")
+    assert registry.version_metrics(challenger)["val_auc"] == pytest.approx(best.data.metrics["selected_val_auc"])
+
+    # promotion made it champion (the first one), and predictions + evaluation used it
+    assert out.champion == challenger.version
+    assert [e["alias"] for e in registry.alias_history("fingerprint-sample")] == ["challenger", "champion"]
+    lines = out.submission.read_text().splitlines()
+    assert len(lines) > 4 and all(line.split(",")[1] in ("0", "1") for line in lines)
+    assert (tmp_path / "demo" / "evaluate" / "metrics.md").is_file() and 0 <= out.metrics["auc"] <= 1
+    assert sorted(p.name for p in (tmp_path / "demo" / "sweep").glob("*.md")) == [f"{parent.info.run_name}.md"]
+
+    # the same command again: the sweep is restored (nothing retrained or registered), promotion has nothing to do
+    t0 = time.perf_counter()
+    again = demo.main(cfg)
+    assert again.champion == out.champion
+    assert len(client.search_model_versions("name='fingerprint-sample'")) == 2
+    assert len(client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 2
+    assert [e["alias"] for e in registry.alias_history("fingerprint-sample")] == ["challenger", "champion"]
+    assert "nothing to do" in capsys.readouterr().out
+    assert time.perf_counter() - t0 < 90
