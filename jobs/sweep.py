@@ -45,6 +45,8 @@ memory instead."""
 class SweepConfig(RayTrainConfig):
     out: str = "runs/sweep"
     """Local folder for each trial's reports and checkpoint copy (<out>/<trial name>/) and the sweep summary."""
+    backbone: str = "resnet18"
+    """Not used by the sweep: give the backbones to compare with --backbones."""
     backbones: str = "resnet18,mobilenetv2_100,tf_efficientnet_lite0"
     """Comma-separated timm model names, one Ray Train run each (times the other grids)."""
     lrs: str = ""
