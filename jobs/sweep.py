@@ -31,7 +31,16 @@ from typing import Any
 
 from fingerprint.cli import Command
 from fingerprint.config import flag, from_dict, to_dict, validate
-from jobs.train_ray import NONE, RayTrainConfig, init_ray, resolved, run_training, safe_name, settings_digest
+from jobs.train_ray import (
+    BOOKKEEPING,
+    NONE,
+    RayTrainConfig,
+    init_ray,
+    resolved,
+    run_training,
+    safe_name,
+    settings_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +208,8 @@ def main(config: SweepConfig) -> SweepResult:
     if track:
         experiment_id = tracking.setup_experiment(config.tracking_uri, config.experiment, config.artifact_root)
         parent = tracking.start_run(config.tracking_uri, experiment_id, sweep, tags={"sweep": sweep})
-        tracking.log_params_flat({**to_dict(config), "n_trials": n_trials})
+        tracking.log_params_flat({**to_dict(config), "n_trials": n_trials},
+                                 may_change=BOOKKEEPING | {"max_concurrent_trials"})
     try:
         param_space = {k: ray.tune.grid_search(v) for k, v in grid.items()}
         trainable = ray.tune.with_resources(

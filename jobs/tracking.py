@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +129,12 @@ def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, Any]
         MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
 
 
-def log_params_flat(params: Mapping[str, Any]) -> None:
-    """Log a flat config as params, skipping values already logged identically (a resumed run)."""
+def log_params_flat(params: Mapping[str, Any], may_change: Collection[str] = ()) -> None:
+    """Log a flat config as params, skipping values already logged identically (a resumed run).
+
+    MLflow params are immutable: a resumed run whose training settings differ is an error, but the `may_change`
+    ones (output folders and the like) keep their first value, with a warning.
+    """
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_params_flat needs an active MLflow run")
@@ -138,6 +142,10 @@ def log_params_flat(params: Mapping[str, Any]) -> None:
     fresh = {k: ("" if v is None else json.dumps(v) if isinstance(v, list | dict) else str(v))
              for k, v in params.items()}
     changed = {k: (have[k], v) for k, v in fresh.items() if k in have and have[k] != v}
+    tolerated = {k: changed.pop(k) for k in list(changed) if k in may_change}
+    if tolerated:
+        log.warning("run %s keeps its first values of %s (now %s)", run.info.run_name,
+                    {k: old for k, (old, _) in tolerated.items()}, {k: new for k, (_, new) in tolerated.items()})
     if changed:
         raise ValueError(
             f"MLflow run {run.info.run_name} already holds different values for {sorted(changed)} "

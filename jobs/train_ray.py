@@ -383,7 +383,7 @@ def run_training(
                 config.tracking_uri, experiment_id, config.run_name, parent_run_id=parent_run_id,
                 tags={"dataset": dataset_name(config), "backbone": config.backbone, **(tags or {})}))
             run_id = run.info.run_id
-            tracking.log_params_flat(to_dict(config))
+            tracking.log_params_flat(to_dict(config), may_change=BOOKKEEPING)
             mlflow.log_dict(to_dict(config), "config.json")
 
         result = build_trainer(config, run_id, callbacks).fit()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -70,9 +71,12 @@ def test_train_ray_tracks_registers_and_resumes(sample_bench, tiny_train_kwargs,
     mlflow_uri_version = registry.get_alias("fingerprint-sample", "challenger")
     assert mlflow_uri_version.version == "1" and mlflow_uri_version.run_id == run.info.run_id
 
-    # the same command again resumes the finished run: no new epochs, no twin version, same MLflow run
+    # the same settings again (another output folder) resume the finished run: no new epochs, no twin version,
+    # same MLflow run, whose params keep their first values
     t0 = time.perf_counter()
-    again = train_ray.main(cfg)
+    again = train_ray.main(dataclasses.replace(cfg, out=str(tmp_path / "out2")))
+    assert (tmp_path / "out2" / out.run_name / "checkpoint" / "model.pt").is_file()
+    assert client.get_run(run.info.run_id).data.params["out"] == str(tmp_path / "out")
     assert again.run_name == out.run_name and again.model_version == "1"
     assert again.mlflow_run_id == run.info.run_id
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1]
