@@ -41,7 +41,7 @@ class PromoteConfig:
     candidate: str = "challenger"
     """Alias or version number of the version to promote."""
     champion: str = "champion"
-    """Alias that serving and `fingerprint predict --model models:/...@champion` follow."""
+    """Alias that serving and the demo load (jobs.registry.download_checkpoint)."""
     dry_run: bool = False
     """Print the decision without moving any alias."""
     history: bool = False
