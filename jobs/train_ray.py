@@ -244,7 +244,8 @@ def init_ray(num_cpus: int | None = None) -> None:
         log.info("connecting to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         ray.init()
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        # "local", not None: None would join any cluster that `ray start` left running on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
 def build_trainer(config: RayTrainConfig, mlflow_run_id: str | None = None, callbacks: Sequence[Any] = ()) -> Any:
