@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,7 +50,8 @@ BUILTIN: dict[str, Callable[[], Command]] = {
 def commands() -> dict[str, Callable[[], Command]]:
     found = dict(BUILTIN)
     for ep in entry_points(group="fingerprint.commands"):
-        found.setdefault(ep.name, ep.load)
+        # The entry point names a zero-argument factory returning a Command (imported only when chosen).
+        found.setdefault(ep.name, lambda ep=ep: ep.load()())
     return found
 
 
@@ -68,7 +70,7 @@ def build_parser(available: dict[str, Callable[[], Command]]) -> tuple[argparse.
             sub.add_parser(name, help=f"(unavailable: {e})".replace("%", "%%"))
             continue
         loaded[name] = cmd
-        text = cmd.help.replace("%", "%%")
+        text = re.sub(r"^`fingerprint [\w-]+`:\s*", "", cmd.help).replace("%", "%%")
         p = sub.add_parser(name, help=text, description=text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add_arguments(p, cmd.config)
