@@ -295,8 +295,8 @@ def serve_cells(config: BenchConfig, checkpoint: Path, data: Path, images: list[
                 cell.update(mode=mode, max_batch_size=mbs, mean_batch_size=batching["mean_batch_size"],
                             max_observed_batch_size=batching["max_observed_batch_size"],
                             load_avg_after=os.getloadavg()[0])
-                log.info("%-16s n=%-2d c=%-3d %7.1f img/s  p50 %7.1f ms  p99 %7.1f ms  batch %.2f  errors %s", mode, c,
-                         n, cell["images_per_s"], cell["latency_ms"]["p50"] or -1, cell["latency_ms"]["p99"] or -1,
+                log.info("%-16s n=%-2d c=%-3d %7.1f img/s  p50 %7.1f ms  p99 %7.1f ms  batch %.2f  errors %s", mode, n,
+                         c, cell["images_per_s"], cell["latency_ms"]["p50"] or -1, cell["latency_ms"]["p99"] or -1,
                          cell["mean_batch_size"] or 0, cell["errors"] or "none")
                 cells.append(cell)
     finally:
