@@ -422,8 +422,8 @@ def _markdown(config: BenchmarkConfig, loaded: Loaded, runs: list[Run], g: dict[
         for key, value in r.notes.items():
             text = ", ".join(f"{k} ({v}x)" for k, v in value.items()) if isinstance(value, dict) else value
             lines.append(f"  - {key.replace('_', ' ')}: {text}")
-    lines += ["", "ROC curves (out-of-fold dev scores, first repeat): `roc.png` (linear), `roc_log.png` (log FPR).",
-              ""]
+    lines += ["", "ROC curves (out-of-fold dev scores of the first repeat; the best detector of each family (a)-(d) "
+              "and every (e) detector): `roc.png` (linear), `roc_log.png` (log FPR).", ""]
     if submit:
         lines.append(f"Test predictions: `submission.csv` and `scores.csv` from `{submit}`, threshold fitted on all "
                      "labelled dev images.")
@@ -463,6 +463,23 @@ def write_test_predictions(out: Path, pool: det.Pool, run: Run) -> float:
     write_csv_atomic(out / "submission.csv", [(pool.real_ids[i], int(s[i] >= t)) for i in test])
     write_csv_atomic(out / "scores.csv", [(pool.real_ids[i], f"{s[i]:.6g}") for i in test], header=("id", "score"))
     return float(t)
+
+
+def write_roc_plots(out: Path, title: str, labels: np.ndarray, scores: dict[str, np.ndarray],
+                    families: dict[str, str], aucs: dict[str, float]) -> list[str]:
+    """roc.png and roc_log.png: the best detector (mean dev AUC) of each baseline family (a)-(d), and every (e).
+
+    One curve per family keeps the picture readable (matplotlib's palette repeats after ten curves); the table
+    has every detector. Returns the names drawn.
+    """
+    names: list[str] = []
+    for fam in sorted(set(families.values())):
+        members = [n for n in scores if families[n] == fam]
+        names += members if fam == "e" else [max(members, key=lambda n: aucs[n])]
+    curves = {n: (labels, scores[n]) for n in names}
+    roc_plot(curves, out / "roc.png", title=f"{title}: dev ROC (out of fold)")
+    roc_plot(curves, out / "roc_log.png", log_fpr=True, title=f"{title}: dev ROC, log FPR")
+    return names
 
 
 def main(config: BenchmarkConfig) -> dict[str, Any]:
@@ -513,9 +530,9 @@ def main(config: BenchmarkConfig) -> dict[str, Any]:
             submit_run.notes["chosen_for_test"] = " + ".join(submit_run.detector.chosen[-1])
     elif submit_run is not None:
         log.warning("no unlabelled test images in %s: no submission written", config.data)
-    curves = {r.detector.name: (y, r.oof[0]) for r in runs}
-    roc_plot(curves, out / "roc.png", title=f"{Path(config.data).name}: dev ROC (out of fold)")
-    roc_plot(curves, out / "roc_log.png", log_fpr=True, title=f"{Path(config.data).name}: dev ROC, log FPR")
+    write_roc_plots(out, Path(config.data).name, y, {r.detector.name: r.oof[0] for r in runs},
+                    {r.detector.name: r.detector.family for r in runs},
+                    {r.detector.name: r.metrics["auc"][0] for r in runs})
     write_csv_atomic(out / "dev_scores.csv",
                      [(pool.real_ids[j], int(y[i]), int(pool.groups[j]), *(f"{r.oof[0][i]:.6g}" for r in runs))
                       for i, j in enumerate(lab)],
