@@ -43,7 +43,7 @@ FAMILIES = {
     "b": ("ssim",),
     "c": ("frozen",),
     "d": ("triplet",),
-    "e": ("grad_nn", "domain_clf", "ab_rank", "best"),
+    "e": ("pixel_mass", "subspace_mass", "grad_nn", "domain_clf", "ab_rank", "best"),
 }
 NAMES = tuple(n for names in FAMILIES.values() for n in names)
 BASELINE_FAMILIES = ("a", "b", "c")
@@ -58,7 +58,8 @@ class BenchmarkConfig:
     """Output folder (results.md/json, ROC pictures, dev_scores.csv, submission.csv, scores.csv, COMMAND.md)."""
     detectors: str = "all"
     """Comma-separated detectors and/or families: pixel_l2, pixel_ncc (a), ssim (b), frozen (c, one per backbone),
-    triplet (d, one per backbone), grad_nn, domain_clf, ab_rank, best (e); or a, b, c, d, e; or 'all'."""
+    triplet (d, one per backbone), pixel_mass, subspace_mass, grad_nn, domain_clf, ab_rank, best (e); or a, b, c, d,
+    e; or 'all'."""
     backbones: str = "auto"
     """Comma-separated timm backbones for frozen/triplet; 'auto' = every <name>.safetensors in --weights-dir."""
     weights_dir: str = ""
@@ -234,6 +235,8 @@ def build_detectors(config: BenchmarkConfig) -> list[det.Detector]:
     grad = det.GradientNN(size=config.image_size, k=10)
     dom = det.DomainClassifier(size=max(config.image_size // 2, 8), c=0.01, folds=10, seed=config.seed)
     ncc = det.PixelNN("ncc")
+    mass = det.GeneratedMass(k=10)
+    subspace = det.GeneratedMass(k=10, subspace=True)
     out: list[det.Detector] = []
     for name in asked:
         if name == "pixel_l2":
@@ -250,10 +253,14 @@ def build_detectors(config: BenchmarkConfig) -> list[det.Detector]:
             out.append(grad)
         elif name == "domain_clf":
             out.append(dom)
+        elif name == "pixel_mass":
+            out.append(mass)
+        elif name == "subspace_mass":
+            out.append(subspace)
         elif name == "ab_rank":
             out.append(det.RankEnsemble([grad, dom], name="ab_rank"))
         elif name == "best":
-            out.append(det.SelectedEnsemble([ncc, grad, dom], name="best"))
+            out.append(det.SelectedEnsemble([ncc, mass, subspace, grad, dom], name="best"))
     return out
 
 

@@ -462,6 +462,42 @@ class GradientNN(Detector):
         return _similarity_topk(q, g, self.k)
 
 
+class GeneratedMass(Detector):
+    """(e) How much generated mass lies near an image: negative mean squared L2 distance to its k nearest
+    generated images, in pixels or in the generator's principal subspace.
+
+    A generator that memorises puts many samples around each training image, not just one: averaging over k
+    neighbours measures that density and is less noisy than the single nearest neighbour. With ``subspace``, both
+    sides are first projected on the principal components that explain ``variance`` of the generated images (the
+    directions the generator actually varies in), which drops pixel detail the generator never reproduces. The
+    projection uses only generated images, never labels.
+    """
+
+    family = "e"
+
+    def __init__(self, k: int = 10, subspace: bool = False, variance: float = 0.95) -> None:
+        self.k, self.subspace, self.variance = k, subspace, variance
+        self.name = "subspace_mass" if subspace else "pixel_mass"
+        self.description = (f"generated mass: mean L2 to {k} nearest generated"
+                            + (f", in the generated images' {variance:.0%}-variance PCA subspace" if subspace
+                               else ", pixels"))
+
+    def score(self, pool: Pool, train: np.ndarray | None = None) -> np.ndarray:
+        q = pool.real.reshape(len(pool.real), -1).astype(np.float64)
+        g = pool.generated.reshape(len(pool.generated), -1).astype(np.float64)
+        if self.subspace:
+            mu = g.mean(axis=0)
+            _, sv, vt = np.linalg.svd(g - mu, full_matrices=False)
+            m = int(np.searchsorted(np.cumsum(sv**2) / np.sum(sv**2), self.variance)) + 1
+            q, g = (q - mu) @ vt[:m].T, (g - mu) @ vt[:m].T
+        g2 = (g * g).sum(1)
+        out = []
+        for s in range(0, len(q), 512):
+            d = np.maximum((q[s : s + 512] ** 2).sum(1)[:, None] + g2[None] - 2 * q[s : s + 512] @ g.T, 0.0)
+            out.append(topk_mean(-d, self.k))  # = -(mean of the k smallest squared distances)
+        return np.concatenate(out)
+
+
 class DomainClassifier(Detector):
     """(e, "B") Logistic regression generated (1) vs real pool (0) on gradient features, cross-fitted over groups.
 
