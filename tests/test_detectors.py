@@ -137,3 +137,22 @@ def test_neural_detectors_run_offline(pool: det.Pool) -> None:
     s = trip.score(pool, train)
     assert s.shape == (len(pool.real),) and np.all(np.isfinite(s))
     assert det.weights_file(Path("/nonexistent"), "resnet18") is None
+
+
+@pytest.mark.parametrize("subspace", [False, True])
+def test_generated_mass_matches_brute_force(pool: det.Pool, subspace: bool) -> None:
+    d = det.GeneratedMass(k=3, subspace=subspace, variance=0.9)
+    got = d.score(pool)
+    q = pool.real.reshape(len(pool.real), -1).astype(np.float64)
+    g = pool.generated.reshape(len(pool.generated), -1).astype(np.float64)
+    if subspace:
+        mu = g.mean(0)
+        _, sv, vt = np.linalg.svd(g - mu, full_matrices=False)
+        m = int(np.argmax(np.cumsum(sv**2) / np.sum(sv**2) >= 0.9)) + 1
+        q, g = (q - mu) @ vt[:m].T, (g - mu) @ vt[:m].T
+    for i in range(len(q)):
+        dist = np.sort(((g - q[i]) ** 2).sum(1))[:3]
+        assert got[i] == pytest.approx(-dist.mean(), rel=1e-6, abs=1e-9)
+    # Memorising sample data: members have more generated mass nearby.
+    lab = pool.labelled
+    assert _auc(pool.labels[lab], got[lab]) > 0.8
