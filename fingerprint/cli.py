@@ -90,16 +90,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command not in loaded:
         parser.error(f"'{args.command}' is not available in this installation")
-    cmd = loaded[args.command]
+    return run(loaded[args.command], args, f"fingerprint {args.command}")
+
+
+def run(cmd: Command, args: argparse.Namespace, label: str) -> int:
+    """Run a parsed command: 0 on success, 2 with a one-line message for expected, explained failures."""
     try:
         cmd.main(from_args(cmd.config, args))
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
-        # Expected, explained failures (bad flags, bad files): the message is the whole story, no traceback.
+        # Bad flags, bad files: the message is the whole story, a traceback would only hide it (-v shows it).
         logging.getLogger("fingerprint").debug("details", exc_info=True)
-        print(f"fingerprint {args.command}: error: {e}", file=sys.stderr)
+        print(f"{label}: error: {e}", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

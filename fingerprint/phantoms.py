@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import csv
 import functools
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from fingerprint.io import atomic_dir
 
 __all__ = [
     "PCAGenerator",
@@ -636,8 +635,7 @@ def make_sample_dataset(
     test_real, test_lab = test_real[perm], test_lab[perm]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         group_rows: list[tuple[str, int]] = []
         label_rows: list[tuple[str, int]] = []
         for sub in ("dev/generated", "dev/used", "dev/not_used", "test/generated", "test/real_unknown"):
@@ -677,17 +675,6 @@ def make_sample_dataset(
         (tmp / "README.md").write_text(_readme(counts, _readme_fields(
             seed, size, slices_per_patient, memorisation, n_components, blend, n_reference_patients, gen,
             used_p, dev_used_p, test_used_p, dev_not_p, test_not_p)))
-        if out_dir.exists():
-            # overwrite=True: move the old folder aside first so the swap is two renames, not a slow delete.
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return counts
 
 

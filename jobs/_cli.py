@@ -10,7 +10,6 @@ import sys
 from collections.abc import Callable, Sequence
 
 from fingerprint import cli
-from fingerprint.config import ConfigError, from_args
 
 
 def run_command(name: str, load: Callable[[], cli.Command], argv: Sequence[str] | None = None) -> int:
@@ -22,11 +21,4 @@ def run_command(name: str, load: Callable[[], cli.Command], argv: Sequence[str] 
     args = parser.parse_args([*verbose, name, *(a for a in argv if a not in verbose)])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cmd = loaded[name]
-    try:
-        cmd.main(from_args(cmd.config, args))
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
-        logging.getLogger("jobs").debug("details", exc_info=True)
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run(loaded[name], args, name)
