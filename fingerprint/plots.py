@@ -380,3 +380,16 @@ def training_curves(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def evidence_rows(
+    ids: Sequence[str], images: Sequence[Any], gallery_ids: Sequence[str], gallery: Sequence[Any],
+    scores: np.ndarray, nearest: np.ndarray, nearest_similarity: np.ndarray, rows: int = 8, per_row: int = 4,
+) -> list[tuple[str, np.ndarray, list[tuple[str, np.ndarray, float]]]]:
+    """Rows for `evidence_grid`: the highest-scoring real images, each beside its nearest generated images."""
+    return [
+        (ids[i], np.asarray(images[i]),
+         [(gallery_ids[j], np.asarray(gallery[j]), float(v))
+          for j, v in zip(nearest[i][:per_row], nearest_similarity[i][:per_row], strict=True)])
+        for i in np.argsort(-np.asarray(scores))[:rows]
+    ]

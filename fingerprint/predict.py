@@ -115,12 +115,8 @@ def write_prediction(pred: Prediction, out: Path) -> list[Path]:
     ))
     written.append(plots.score_histogram(s.score, [None] * len(pred.ids), out / "scores.png",
                                          threshold=pred.threshold, title="test scores"))
-    rows = [
-        (pred.ids[i], np.asarray(pred.images[i]),
-         [(pred.gallery_ids[j], np.asarray(pred.gallery[j]), float(v))
-          for j, v in zip(s.nearest[i][:4], s.nearest_similarity[i][:4], strict=True)])
-        for i in np.argsort(-s.score)[:8]
-    ]
+    rows = plots.evidence_rows(pred.ids, pred.images, pred.gallery_ids, pred.gallery, s.score, s.nearest,
+                               s.nearest_similarity)
     written.append(plots.evidence_grid(rows, out / "evidence.png", title="highest-scoring real images"))
     return written
 

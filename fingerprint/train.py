@@ -13,8 +13,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from fingerprint import plots
 from fingerprint.config import TrainConfig, save_json, validate
 from fingerprint.io import write_csv_atomic, write_text_atomic
@@ -35,12 +33,8 @@ def write_reports(out: Path, result: FitResult, data: TrainingData) -> list[Path
     written.append(plots.roc_plot({"validation": (v.labels, s.score)}, out / "val_roc.png", title="held-out dev"))
     written.append(plots.score_histogram(s.score, v.labels, out / "val_scores.png", threshold=v.threshold))
     written.append(plots.confusion_plot(v.labels, s.score >= v.threshold, out / "val_confusion.png"))
-    rows = [
-        (data.val_ids[i], np.asarray(data.val_images[i]),
-         [(data.gallery_ids[j], np.asarray(data.gallery[j]), float(sim))
-          for j, sim in zip(s.nearest[i][:4], s.nearest_similarity[i][:4], strict=True)])
-        for i in np.argsort(-s.score)[:8]
-    ]
+    rows = plots.evidence_rows(data.val_ids, data.val_images, data.gallery_ids, data.gallery, s.score, s.nearest,
+                               s.nearest_similarity)
     written.append(plots.evidence_grid(rows, out / "val_evidence.png", title="highest-scoring held-out images"))
     written.append(write_csv_atomic(
         out / "val_scores.csv",
