@@ -483,7 +483,7 @@ class FingerprintService:
             "reference": ({"size": len(state.reference.ids), "source": state.reference.source}
                           if state.reference is not None else None),
             "threshold": state.threshold, "k": state.score_config.k, "reduction": state.score_config.reduction,
-            "calibrated": state.calibrated, "device": str(state.device),
+            "calibrated": state.calibrated, "device": str(state.device), "forward": state.info.get("forward"),
             "batching": {"max_batch_size": self._embed_batch._get_max_batch_size(),
                          "batch_wait_timeout_s": self._embed_batch._get_batch_wait_timeout_s(),
                          "max_ongoing_requests": _max_ongoing_requests(), **self.stats.as_dict()},

@@ -7,8 +7,9 @@ For each mode (dynamic batching on; `max_batch_size=1`), images per request and 
 closed-loop clients send POST /v1/score requests (multipart, encoded once beforehand) until --requests have
 been answered or --seconds have passed, after a warm-up. Reported: throughput (images/s), latency
 p50/p95/p99, errors, the batch sizes the replica observed, and throughput as a fraction of the offline
-ceiling: the same model's forward pass on pre-processed batches in one process with the same thread count,
-measured before and after the service runs (the machine is shared; the spread shows how much the load moved).
+ceiling: the same model's forward pass (eager and traced, the faster counts) on pre-processed batches in one
+process using every core, measured before and after the service runs (the machine is shared; the spread
+shows how much the load moved).
 
 Writes <out>/serve_<name>.json and <out>/serve_<name>.md. Everything runs on this machine: the load
 generator shares the cores with the service, as a co-located client would.
@@ -65,8 +66,11 @@ class BenchConfig:
     """Batch size for the batched mode (the other mode uses 1)."""
     batch_wait_timeout_s: float = 0.005
     """Batch wait for the batched mode."""
-    torch_threads: int = 2
-    """Intra-op threads, for the replica and for the offline ceiling alike."""
+    torch_threads: int = 1
+    """Intra-op threads of the replica. One is best on 2 cores: the proxy, the replica's request handling and
+    the load generator need the other, and a second intra-op thread only spins waiting for it."""
+    offline_threads: int = 0
+    """Intra-op threads for the offline ceiling; 0 = every core (the ceiling is the whole machine's)."""
     offline_batch_sizes: str = "1,16,32"
     """Batch sizes for the offline forward; the ceiling is the best of them."""
     out: str = "benchmarks/results"
@@ -80,6 +84,8 @@ class BenchConfig:
             out.append(f"{flag('checkpoint')}: '{self.checkpoint}' does not exist")
         if self.data and not Path(self.data).exists():
             out.append(f"{flag('data')}: '{self.data}' does not exist")
+        if self.offline_threads < 0:
+            out.append(f"{flag('offline_threads')}: must be >= 0")
         for name in ("requests", "max_batch_size", "torch_threads"):
             if getattr(self, name) < 1:
                 out.append(f"{flag(name)}: must be >= 1")
@@ -154,6 +160,7 @@ def offline_ceiling(checkpoint: Path, images: list[Path], batch_sizes: list[int]
     from fingerprint.checkpoint import load_checkpoint
     from fingerprint.data import load_image
     from fingerprint.transforms import Preprocess
+    from serve.model import trace_model
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -163,18 +170,22 @@ def offline_ceiling(checkpoint: Path, images: list[Path], batch_sizes: list[int]
         tf = Preprocess(ckpt.meta["data_config"])
         tensors = [tf(load_image(p)) for p in images]
         forward: dict[str, float] = {}
+        traced: dict[str, float] = {}
+        fast, _ = trace_model(model, tuple(ckpt.meta["data_config"]["input_size"]), torch.device("cpu"))
         with torch.no_grad():
             for bs in batch_sizes:
                 batches = [torch.stack([tensors[(s + j) % len(tensors)] for j in range(bs)])
                            for s in range(0, len(tensors), bs)]
-                model(batches[0])  # warm-up (allocations, oneDNN kernels)
-                n, t0, i = 0, time.perf_counter(), 0
-                while time.perf_counter() - t0 < min_seconds:
-                    model(batches[i % len(batches)])
-                    n += bs
-                    i += 1
-                forward[str(bs)] = n / (time.perf_counter() - t0)
-            best = max(batch_sizes, key=lambda b: forward[str(b)])
+                for net, table in ((model, forward), (fast, traced)):
+                    net(batches[0])  # warm-up (allocations, oneDNN kernels, the trace's optimisation)
+                    net(batches[0])
+                    n, t0, i = 0, time.perf_counter(), 0
+                    while time.perf_counter() - t0 < min_seconds:
+                        net(batches[i % len(batches)])
+                        n += bs
+                        i += 1
+                    table[str(bs)] = n / (time.perf_counter() - t0)
+            best = max(batch_sizes, key=lambda b: max(forward[str(b)], traced[str(b)]))
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < min_seconds:
                 for s in range(0, len(images), best):
@@ -184,7 +195,8 @@ def offline_ceiling(checkpoint: Path, images: list[Path], batch_sizes: list[int]
             end_to_end = n / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(previous)
-    return {"forward_images_per_s": forward, "best_batch_size": best, "ceiling_images_per_s": forward[str(best)],
+    return {"forward_images_per_s": forward, "traced_forward_images_per_s": traced, "best_batch_size": best,
+            "ceiling_images_per_s": max(forward[str(best)], traced[str(best)]),
             "decode_preprocess_forward_images_per_s": end_to_end, "threads": threads}
 
 
@@ -285,14 +297,15 @@ def serve_cells(config: BenchConfig, checkpoint: Path, data: Path, images: list[
             cfg["http_options"]["port"] = port
             deploy_config(cfg)
             info = _get_json(f"{base}/v1/model")
-            log.info("%s: serving %s, gallery %d, threads %d", mode, info["backbone"], info["gallery"]["size"],
-                     info["torch_threads"])
+            forward = info["forward"]
+            log.info("%s: serving %s (%s), gallery %d, threads %d", mode, info["backbone"], forward,
+                     info["gallery"]["size"], info["torch_threads"])
             for n, c in [(n, c) for n in bodies for c in _ints(config.concurrency)]:
                 _post(f"{base}/v1/stats/reset")
                 cell = asyncio.run(run_load(f"{base}/v1/score", bodies[n], c, config.requests, config.seconds,
                                             config.warmup, n))
                 batching = _get_json(f"{base}/v1/model")["batching"]
-                cell.update(mode=mode, max_batch_size=mbs, mean_batch_size=batching["mean_batch_size"],
+                cell.update(mode=mode, max_batch_size=mbs, forward=forward, mean_batch_size=batching["mean_batch_size"],
                             max_observed_batch_size=batching["max_observed_batch_size"],
                             load_avg_after=os.getloadavg()[0])
                 log.info("%-16s n=%-2d c=%-3d %7.1f img/s  p50 %7.1f ms  p99 %7.1f ms  batch %.2f  errors %s", mode, n,
@@ -315,24 +328,27 @@ def markdown(result: dict[str, Any]) -> str:
         f"Load average (1 min) before / after: {result['load_avg_before']:.2f} / {result['load_avg_after']:.2f} "
         "(the machine is shared with other work: numbers move with it).",
         "",
-        "Offline forward pass, pre-processed batches, same thread count "
-        f"({off['before']['threads']}), images/s (before / after the service ran):",
+        f"Offline forward pass ({off['before']['threads']} threads), pre-processed batches, images/s "
+        "(before / after the service ran):",
         "",
-        "| batch | before | after |",
-        "|---:|---:|---:|",
+        "| batch | eager before | eager after | traced before | traced after |",
+        "|---:|---:|---:|---:|---:|",
     ]
-    for bs in off["before"]["forward_images_per_s"]:
-        lines.append(f"| {bs} | {off['before']['forward_images_per_s'][bs]:.1f} | "
-                     f"{off['after']['forward_images_per_s'][bs]:.1f} |")
+    b, a = off["before"], off["after"]
+    for bs in b["forward_images_per_s"]:
+        lines.append(f"| {bs} | {b['forward_images_per_s'][bs]:.1f} | {a['forward_images_per_s'][bs]:.1f} | "
+                     f"{b['traced_forward_images_per_s'][bs]:.1f} | {a['traced_forward_images_per_s'][bs]:.1f} |")
     lines += [
-        f"| decode + pre-process + forward (batch {off['before']['best_batch_size']}) | "
-        f"{off['before']['decode_preprocess_forward_images_per_s']:.1f} | "
-        f"{off['after']['decode_preprocess_forward_images_per_s']:.1f} |",
         "",
-        f"Ceiling used below: {ceiling:.1f} images/s (best offline forward, before or after).",
+        f"Decode + pre-process + eager forward (batch {b['best_batch_size']}): "
+        f"{b['decode_preprocess_forward_images_per_s']:.1f} / {a['decode_preprocess_forward_images_per_s']:.1f} "
+        "images/s.",
         "",
-        "Service: POST /v1/score (multipart), closed-loop clients on loopback, one replica. Latency is per "
-        "request; images/s counts images.",
+        f"Ceiling used below: {ceiling:.1f} images/s (best offline forward, eager or traced, before or after).",
+        "",
+        f"Service: POST /v1/score (multipart), closed-loop clients on loopback, one replica with "
+        f"{result['config']['torch_threads']} intra-op thread(s), forward: {result.get('forward', '?')}. Latency is "
+        "per request; images/s counts images.",
         "",
         "| mode | images/request | clients | ok requests | errors | images/s | vs ceiling | p50 ms | p95 ms | p99 ms "
         "| mean batch | max batch |",
@@ -361,10 +377,11 @@ def main(config: BenchConfig) -> Path:
         images = _request_images(data)
         load_before = os.getloadavg()[0]
         batch_sizes = _ints(config.offline_batch_sizes)
-        before = offline_ceiling(checkpoint, images, batch_sizes, config.torch_threads)
+        threads = config.offline_threads or os.cpu_count() or 1
+        before = offline_ceiling(checkpoint, images, batch_sizes, threads)
         log.info("offline before: %s", before)
         cells = serve_cells(config, checkpoint, data, images)
-        after = offline_ceiling(checkpoint, images, batch_sizes, config.torch_threads)
+        after = offline_ceiling(checkpoint, images, batch_sizes, threads)
         log.info("offline after: %s", after)
     result = {
         "name": name, "config": asdict(config),
@@ -374,6 +391,7 @@ def main(config: BenchConfig) -> Path:
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
         "offline": {"before": before, "after": after}, "cells": cells,
+        "forward": cells[0]["forward"] if cells else None,
     }
     out = Path(config.out)
     write_text_atomic(out / f"serve_{name}.json", json.dumps(result, indent=2))

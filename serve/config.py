@@ -72,6 +72,10 @@ class ServeConfig:
     """auto, cpu or cuda."""
     torch_threads: int = 0
     """Intra-op threads for the forward pass; 0 keeps what Ray set (the replica's num_cpus)."""
+    trace: bool = True
+    """On CPU, run the forward as a TorchScript trace: the same kernels without Python between them, so the
+    forward releases the GIL and the replica keeps reading requests (and filling the next batch) while it runs.
+    Checked against the eager model at load; eager is used if tracing fails or the outputs differ."""
     reload: int = 0
     """Change this number to reload: re-resolve the alias (hot swap after `fingerprint promote`), re-read
     the checkpoint, gallery and reference. Requests in flight finish on the model they started with."""
@@ -123,7 +127,7 @@ class ServeConfig:
     def data_source(self) -> tuple[Any, ...]:
         """Everything whose change needs the model state rebuilt (gallery, reference, scoring, device)."""
         return (self.model_source(), self.gallery, self.gallery_ids, self.reference, self.calibrate, self.k,
-                self.device, self.reload)
+                self.device, self.trace, self.reload)
 
 
 def from_user_config(user_config: dict[str, Any] | None) -> ServeConfig:
@@ -140,7 +144,12 @@ def from_user_config(user_config: dict[str, Any] | None) -> ServeConfig:
         default = known[name].default
         if value is None or isinstance(default, str) or name in ("k", "threshold"):
             continue
-        if isinstance(default, bool) or (isinstance(value, bool) and not isinstance(default, bool)):
+        if isinstance(default, bool):
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                values[name] = value.lower() in ("true", "yes", "1")
+            elif not isinstance(value, bool):
+                problems.append(f"user_config.{name}: expected true or false, got {value!r}")
+        elif isinstance(value, bool):
             problems.append(f"user_config.{name}: expected a number, got {value!r}")
         elif isinstance(default, float):
             try:

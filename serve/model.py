@@ -117,7 +117,9 @@ class ModelState:
     gallery: Embeddings
     reference: Embeddings | None
     info: dict[str, Any]
-    """name, version, alias, source, checkpoint_sha256, run_id, loaded_at: reported by the API."""
+    """name, version, alias, source, checkpoint_sha256, run_id, loaded_at, forward: reported by the API."""
+    forward: Any = None
+    """The callable the service runs (a checked TorchScript trace, or the model itself)."""
 
     @property
     def version(self) -> str:
@@ -135,7 +137,7 @@ class ModelState:
         """Embeddings (N, D) of preprocessed images: one forward pass, as `embed_images` does it."""
         x = torch.stack(batch).to(self.device)
         with autocast(self.device, True):
-            return self.checkpoint.model(x).float().cpu().numpy()
+            return (self.forward or self.checkpoint.model)(x).float().cpu().numpy()
 
     def score(self, embeddings: np.ndarray) -> Scores:
         """Exact top-k against the whole gallery (matrix product), calibrated on the reference pool."""
@@ -257,6 +259,29 @@ def _load_set(path_text: str, what: str, kind: str, ids_file: str, ckpt: Checkpo
     return emb
 
 
+def trace_model(model: torch.nn.Module, input_size: tuple[int, ...], device: torch.device) -> tuple[Any, str]:
+    """A TorchScript trace of `model` if it reproduces the eager outputs exactly enough, else the model itself.
+
+    Returns (callable, what was chosen and why). Only on CPU: on CUDA the forward waits on the GPU, not on the
+    interpreter, and autocast would have to be traced too.
+    """
+    if device.type != "cpu":
+        return model, "eager (tracing is used on CPU only)"
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.rand((3, *input_size), generator=gen)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings about Python-level branches: checked below instead
+            traced = torch.jit.trace(model, probe[:2], check_trace=False)
+            # A different batch size than the trace's, so a batch dimension baked into the graph shows.
+            diff = float((traced(probe) - model(probe)).abs().max())
+    except Exception as e:  # any model timm can build may not trace; eager always works
+        return model, f"eager (tracing failed: {type(e).__name__}: {str(e)[:200]})"
+    if not diff <= 1e-6:
+        return model, f"eager (the trace differs from the model by {diff:.2e})"
+    return traced, "torchscript trace"
+
+
 def _resolve_model(config: ServeConfig, workdir: Path) -> tuple[Path, dict[str, Any]]:
     """The checkpoint folder to load and what to report about it; a registry alias becomes a version here."""
     if config.checkpoint:
@@ -302,7 +327,9 @@ def load_state(config: ServeConfig) -> ModelState:
             raise ConfigError([f"{flag('reference')}: {len(reference.ids)} real images; calibration needs at least "
                                f"k + 1 = {score_config.k + 1}"])
     threshold = ckpt.threshold if config.threshold is None else float(config.threshold)
-    info.update(checkpoint_sha256=sha, backbone=ckpt.meta.get("config", {}).get("backbone"),
+    forward, how = (trace_model(ckpt.model, tuple(ckpt.meta["data_config"]["input_size"]), device)
+                    if config.trace else (ckpt.model, "eager (trace off)"))
+    info.update(forward=how, checkpoint_sha256=sha, backbone=ckpt.meta.get("config", {}).get("backbone"),
                 embed_dim=int(ckpt.model.head.out_features),
                 loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 load_seconds=round(time.perf_counter() - started, 2))
@@ -310,4 +337,4 @@ def load_state(config: ServeConfig) -> ModelState:
              info["name"], info["version"], info["source"], device, len(gallery.ids), gallery.source,
              f"{len(reference.ids)} from {reference.source}" if reference else "none", score_config.k, threshold,
              info["load_seconds"])
-    return ModelState(ckpt, transform, device, score_config, threshold, gallery, reference, info)
+    return ModelState(ckpt, transform, device, score_config, threshold, gallery, reference, info, forward)

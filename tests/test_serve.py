@@ -132,6 +132,7 @@ def test_health_model_info_and_openapi(service, models):
     assert info["version"] == models["versions"][0] and info["alias"] == "champion" and info["name"] == MODEL
     assert info["gallery"]["size"] == 96 and info["batching"]["max_batch_size"] == 8
     assert info["batching"]["max_ongoing_requests"] == 32
+    assert info["forward"] == "torchscript trace"  # so the parity tests below cover the traced forward
     spec = c.get("/openapi.json").json()
     body = spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json", "image/png"} <= set(body)

@@ -278,9 +278,34 @@ def test_bench_pieces(tmp_path, sample_bench):
     assert not state.calibrated and state.threshold == 0.0 and state.score_config.k == 5
     off = offline_ceiling(ckpt, images, [1, 2], threads=1, min_seconds=0.1)
     assert off["ceiling_images_per_s"] > 0 and set(off["forward_images_per_s"]) == {"1", "2"}
+    assert set(off["traced_forward_images_per_s"]) == {"1", "2"}
     cell = {"mode": "batched", "images_per_request": 1, "concurrency": 4, "ok": 10, "errors": {},
             "images_per_s": 5.0, "latency_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0, "mean": 1.5},
             "mean_batch_size": 2.5, "max_observed_batch_size": 4}
     text = markdown({"name": "t", "model": "m", "machine": "x", "when": "now", "load_avg_before": 1.0,
+                     "config": {"torch_threads": 1}, "forward": "torchscript trace",
                      "load_avg_after": 1.0, "offline": {"before": off, "after": off}, "cells": [cell]})
     assert "| batched | 1 | 4 | 10 | 0 | 5.0 |" in text
+
+
+def test_trace_is_checked_against_the_model():
+    import torch
+
+    from serve.model import trace_model
+
+    class BatchTwoOnly(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if x.shape[0] == 2 else x  # a Python branch the trace (made on 2 images) bakes in
+
+    class Plain(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.normalize(x.flatten(1), dim=1)
+
+    cpu = torch.device("cpu")
+    fn, how = trace_model(BatchTwoOnly(), (1, 4, 4), cpu)
+    assert isinstance(fn, BatchTwoOnly) and "differs" in how
+    fn, how = trace_model(Plain(), (1, 4, 4), cpu)
+    assert how == "torchscript trace" and isinstance(fn, torch.jit.ScriptModule)
+    x = torch.rand(5, 1, 4, 4)
+    assert torch.equal(fn(x), Plain()(x))
+    assert from_user_config({"checkpoint": ".", "gallery": ".", "trace": "false"}).trace is False
