@@ -39,8 +39,8 @@ def test_benchmark_end_to_end(bench: Path, tmp_path: Path) -> None:
 
     res = json.loads((out / "results.json").read_text())
     names = [d["name"] for d in res["detectors"]]
-    assert names == ["pixel_l2", "pixel_ncc", "ssim", "frozen_resnet18", "triplet_resnet18", "grad_nn",
-                     "domain_clf", "ab_rank", "best"]
+    assert names == ["pixel_l2", "pixel_ncc", "ssim", "frozen_resnet18", "triplet_resnet18", "pixel_mass",
+                     "subspace_mass", "grad_nn", "domain_clf", "ab_rank", "best"]
     reps = {d["name"]: len(d["per_repeat"]) for d in res["detectors"]}
     assert reps["triplet_resnet18"] == 1 and reps["best"] == 2 and reps["ssim"] == 2  # --trained-repeats 1
     for d in res["detectors"]:
@@ -77,8 +77,8 @@ def test_problems_name_the_flags(tmp_path: Path) -> None:
     text = str(e.value)
     for expected in ("--data", "unknown pixel", "--weights-dir", "--folds", "--submit", "--image-size"):
         assert expected in text, expected
-    assert BenchmarkConfig(detectors="a, e").requested() == ["pixel_l2", "pixel_ncc", "grad_nn", "domain_clf",
-                                                              "ab_rank", "best"]
+    assert BenchmarkConfig(detectors="a, e").requested() == ["pixel_l2", "pixel_ncc", "pixel_mass", "subspace_mass",
+                                                              "grad_nn", "domain_clf", "ab_rank", "best"]
     # Named backbones must have a weights file in the folder.
     weights = tmp_path / "weights"
     weights.mkdir()
