@@ -9,7 +9,9 @@ For a long-lived cluster use `serve deploy serve/config.yaml` instead (see serve
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from dataclasses import dataclass, fields
 
 from fingerprint.cli import Command
@@ -73,6 +75,8 @@ def main(config: ServeCommandConfig) -> None:
     from serve.app import build_app
 
     application = build_app(app_args(config))
+    # A private local instance (below), so Ray's cluster token adds nothing; respect an explicit setting.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # A new local instance: never deploy into a cluster someone else started on this machine.
     ray.init(address="local", include_dashboard=False)
     serve.start(http_options={"host": config.host, "port": config.port})
@@ -81,9 +85,11 @@ def main(config: ServeCommandConfig) -> None:
     try:
         serve.run(application, name="fingerprint", route_prefix="/", blocking=True)
     except KeyboardInterrupt:
-        pass
+        log.info("stopping")
     finally:
-        serve.shutdown()
+        # Ray can deliver the interrupt again while Serve stops; finish stopping either way.
+        with contextlib.suppress(KeyboardInterrupt):
+            serve.shutdown()
         ray.shutdown()
 
 
