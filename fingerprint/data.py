@@ -172,12 +172,12 @@ def _read(path: Path) -> tuple[Image.Image | None, str | None]:
             im.load()
             if im.format not in IMAGE_FORMATS:
                 return None, f"is a {im.format} image; only PNG and JPEG are supported (convert it)"
-            return _to_gray8(im), None
+            return to_gray8(im), None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         return None, f"not a readable PNG/JPEG image ({type(e).__name__}: {e})"
 
 
-def _to_gray8(im: Image.Image) -> Image.Image:
+def to_gray8(im: Image.Image) -> Image.Image:
     """Convert any decoded image to 8-bit gray; see :func:`load_image` for the rules."""
     if im.mode == "L":
         return im.copy()

@@ -85,7 +85,7 @@ def decode_image(data: bytes, item: str, max_bytes: int, max_pixels: int) -> Ima
             # load() decodes every pixel, which is what catches a truncated file (open() reads the header only).
             im.load()
             # The same conversion rules as files read by the library (16-bit, RGB, palette -> 8-bit gray).
-            return fpdata._to_gray8(im)
+            return fpdata.to_gray8(im)
         except Exception as e:
             raise InputError(422, "invalid_image",
                              f"{item}: the {im.format} data is damaged or truncated ({type(e).__name__}: {e})",
