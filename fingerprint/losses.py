@@ -10,11 +10,6 @@ from torch import nn
 from fingerprint.miners import Miner, NoMiner
 
 
-def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Pairwise squared Euclidean distances (N, M); exact for any inputs, clamped at 0 against rounding."""
-    return (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1) - 2.0 * x @ y.T).clamp_min(0.0)
-
-
 def triplet_margin_loss(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, margin: float) -> torch.Tensor:
     """Per-triplet Eq. (1): max(0, ||a - p||^2 - ||a - n||^2 + margin)."""
     return torch.relu((a - p).pow(2).sum(-1) - (a - n).pow(2).sum(-1) + margin)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 
-def _distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pairwise squared Euclidean distances (N, M); clamped at 0 against rounding."""
     return (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1) - 2.0 * x @ y.T).clamp_min(0.0)
 
 
@@ -32,7 +33,7 @@ class BatchHardMiner(Miner):
 
     def mine(self, a, p, n, margin):
         idx = torch.arange(a.shape[0], device=a.device)
-        return idx, _distances(a, p).argmax(1), _distances(a, n).argmin(1)
+        return idx, squared_distances(a, p).argmax(1), squared_distances(a, n).argmin(1)
 
 
 class SemiHardMiner(Miner):
@@ -43,7 +44,7 @@ class SemiHardMiner(Miner):
 
     def mine(self, a, p, n, margin):
         d_ap = (a - p).pow(2).sum(1, keepdim=True)
-        d_an = _distances(a, n)
+        d_an = squared_distances(a, n)
         ai, ni = torch.nonzero((d_an > d_ap) & (d_an < d_ap + margin), as_tuple=True)
         if ai.numel() == 0:
             return super().mine(a, p, n, margin)
