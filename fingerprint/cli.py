@@ -31,15 +31,14 @@ class Command:
 def _lazy(module: str, config: str) -> Callable[[], Command]:
     def load() -> Command:
         mod = importlib.import_module(module)
-        cls = getattr(mod, config) if "." not in config else getattr(importlib.import_module(config.rsplit(".", 1)[0]),
-                                                                     config.rsplit(".", 1)[1])
+        cls = getattr(mod, config)  # each command module imports or defines its config class
         return Command(cls, mod.main, (mod.__doc__ or "").strip().splitlines()[0])
 
     return load
 
 
 BUILTIN: dict[str, Callable[[], Command]] = {
-    "train": _lazy("fingerprint.train", "fingerprint.config.TrainConfig"),
+    "train": _lazy("fingerprint.train", "TrainConfig"),
     "predict": _lazy("fingerprint.predict", "PredictConfig"),
     "evaluate": _lazy("fingerprint.evaluate", "EvaluateConfig"),
     "sample-data": _lazy("fingerprint.sample_data", "SampleDataConfig"),
