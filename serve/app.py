@@ -427,7 +427,7 @@ class FingerprintService:
         names, tensors, problems = [], [], []
         for name, data in raw:
             try:
-                tensors.append(state.preprocess(decode_image(data, name, cfg.max_image_bytes, cfg.max_image_pixels)))
+                tensors.append(state.pixels(decode_image(data, name, cfg.max_image_bytes, cfg.max_image_pixels)))
                 names.append(name)
             except InputError as e:
                 problems.append(e)

@@ -28,7 +28,7 @@ from PIL import Image
 from fingerprint import data as fpdata
 from fingerprint.checkpoint import Checkpoint, load_checkpoint
 from fingerprint.config import ConfigError, ScoreConfig, flag, from_dict
-from fingerprint.embedding import autocast, resolve_device
+from fingerprint.embedding import autocast, embed_images, resolve_device
 from fingerprint.io import write_bytes_atomic
 from fingerprint.predict import resolve_checkpoint
 from fingerprint.scoring import Scores, membership_scores, normalize
@@ -129,13 +129,15 @@ class ModelState:
     def calibrated(self) -> bool:
         return self.score_config.calibrate
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The per-image part of preprocessing (resize, crop): uint8 pixels for `embed`."""
+        return self.transform.pixels(image)
 
     @torch.no_grad()
-    def embed(self, batch: list[torch.Tensor]) -> np.ndarray:
-        """Embeddings (N, D) of preprocessed images: one forward pass, as `embed_images` does it."""
-        x = torch.stack(batch).to(self.device)
+    def embed(self, pixels: list[torch.Tensor]) -> np.ndarray:
+        """Embeddings (N, D) of images from `pixels`: normalised as one batch, one forward pass, as
+        `embed_images` does it."""
+        x = self.transform.finish(torch.stack(pixels)).to(self.device)
         with autocast(self.device, True):
             return (self.forward or self.checkpoint.model)(x).float().cpu().numpy()
 
@@ -194,13 +196,7 @@ def _embed_items(state_like: tuple[torch.nn.Module, Preprocess, torch.device], i
         log.warning("skipped %s: %s", p, why)
     if not images:
         return np.zeros((0, 0), dtype=np.float32), []
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(images), batch_size):
-            x = torch.stack([transform(im) for im in images[s : s + batch_size]]).to(device)
-            with autocast(device, True):
-                out.append(model(x).float().cpu().numpy())
-    return np.concatenate(out), [it.id for it in kept]
+    return embed_images(model, images, transform, batch_size, device), [it.id for it in kept]
 
 
 def load_embeddings(path: str | Path, what: str, model_sha256: str, ids_file: str = "") -> Embeddings:

@@ -140,7 +140,7 @@ def _real_images(bench: Path) -> list[Image.Image]:
 
 def _service_scores(state, images: list[Image.Image]) -> np.ndarray:
     # Uneven batches, as dynamic batching would make them.
-    tensors = [state.preprocess(im) for im in images]
+    tensors = [state.pixels(im) for im in images]
     emb = np.concatenate([state.embed(tensors[i : i + 5]) for i in range(0, len(tensors), 5)])
     return state.score(emb).score
 
@@ -277,15 +277,21 @@ def test_bench_pieces(tmp_path, sample_bench):
     state = load_state(from_user_config({"checkpoint": str(ckpt), "gallery": str(sample_bench)}))
     assert not state.calibrated and state.threshold == 0.0 and state.score_config.k == 5
     off = offline_ceiling(ckpt, images, [1, 2], threads=1, min_seconds=0.1)
-    assert off["ceiling_images_per_s"] > 0 and set(off["forward_images_per_s"]) == {"1", "2"}
-    assert set(off["traced_forward_images_per_s"]) == {"1", "2"}
+    assert set(off["layouts"]) == {"1x1"} and set(off["layouts"]["1x1"]) == {"eager", "traced"}
+    assert set(off["layouts"]["1x1"]["traced"]) == {"1", "2"}
+    every = [*off["layouts"]["1x1"]["eager"].values(), *off["layouts"]["1x1"]["traced"].values()]
+    assert off["ceiling_images_per_s"] == max(every)
+    assert off["decode_preprocess_forward_images_per_s"] > 0
     cell = {"mode": "batched", "images_per_request": 1, "concurrency": 4, "ok": 10, "errors": {},
             "images_per_s": 5.0, "latency_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0, "mean": 1.5},
-            "mean_batch_size": 2.5, "max_observed_batch_size": 4}
-    text = markdown({"name": "t", "model": "m", "machine": "x", "when": "now", "load_avg_before": 1.0,
-                     "config": {"torch_threads": 1}, "forward": "torchscript trace",
+            "mean_batch_size": 2.5, "max_observed_batch_size": 4, "replicas": 2, "wall_s": 2.0,
+            "cpu_s": {"replicas": 0.02, "proxy": 0.01, "controller": 0.0, "load generator": 0.005,
+                      "ray other": 0.0, "other": 0.005}}
+    text = markdown({"name": "t", "model": "m", "machine": "x", "when": "now", "load_avg_before": 1.0, "cores": 2,
+                     "config": {"torch_threads": 1, "throughput_optimized": True}, "forward": "torchscript trace",
                      "load_avg_after": 1.0, "offline": {"before": off, "after": off}, "cells": [cell]})
-    assert "| batched | 1 | 4 | 10 | 0 | 5.0 |" in text
+    # 10 images: 2 ms of replica CPU each, 1 of proxy, 0.5 of client, 0.5 of the rest; 0.04 s over 2 s x 2 cores.
+    assert "| batched | 1 | 4 | 10 | 0 | 5.0 |" in text and "| 2.00 | 1.00 | 0.50 | 0.50 | 1% |" in text
 
 
 def test_trace_is_checked_against_the_model():
