@@ -558,7 +558,6 @@ DEFAULT_USER_CONFIG: dict[str, Any] = {
     "reload": 0,
 }
 
-app = FingerprintService.options(
-    user_config=DEFAULT_USER_CONFIG,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
-).bind()
+# No autoscaling_config here: a config file that sets num_replicas would not switch it off (Serve keeps the
+# code's autoscaling and ignores num_replicas), so scaling is set in serve/config.yaml alone.
+app = FingerprintService.options(user_config=DEFAULT_USER_CONFIG).bind()

@@ -222,6 +222,11 @@ def test_shipped_config_yaml_is_deployable():
     cfg = load_config(user_config={"reload": 3}, deployment={"num_replicas": 2})
     d = cfg["applications"][0]["deployments"][0]
     assert d["num_replicas"] == 2 and "autoscaling_config" not in d and d["user_config"]["reload"] == 3
+    # ... and the code leaves scaling to the file: an autoscaling_config set in code would survive a config
+    # that asks for num_replicas (Serve then ignores num_replicas). test_serve_bench deploys 2 this way.
+    from serve.app import app as shipped
+
+    assert shipped._bound_deployment._deployment_config.autoscaling_config is None
 
 
 def test_build_app_options(checkpoint, sample_bench):
