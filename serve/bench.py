@@ -1,15 +1,19 @@
 """Bounded load test of the scoring service on loopback, beside the offline batched forward (the ceiling).
 
-    python -m serve.bench --out benchmarks/results --images-per-request 1,8   # lite0 at 64 px, phantom data
+    python -m serve.bench --out benchmarks/results              # lite0 at 64 px, phantom data, 1/8/32 per request
     python -m serve.bench --image-size 224 --name lite0-224 --requests 150   # a heavier forward pass
 
 For each mode (dynamic batching on; `max_batch_size=1`), images per request and concurrency level, N
 closed-loop clients send POST /v1/score requests (multipart, encoded once beforehand) until --requests have
 been answered or --seconds have passed, after a warm-up. Reported: throughput (images/s), latency
-p50/p95/p99, errors, the batch sizes the replica observed, and throughput as a fraction of the offline
-ceiling: the same model's forward pass (eager and traced, the faster counts) on pre-processed batches in one
-process using every core, measured before and after the service runs (the machine is shared; the spread
-shows how much the load moved).
+p50/p95/p99, errors, the batch sizes the replicas observed, where the CPU time went (replicas, HTTP proxy,
+load generator, Ray's own processes, anything else on the machine, from /proc), and throughput as a
+fraction of the offline ceiling.
+
+The ceiling is the best forward pass of the same model on pre-processed batches that this machine manages,
+measured before and after the service runs (the spread shows how much other load moved it): eager and
+traced, at several batch sizes, as one process using every core and as one single-threaded process per
+replica running at once. The service is held to the best of all of these, not to the layout it happens to use.
 
 Writes <out>/serve_<name>.json and <out>/serve_<name>.md. Everything runs on this machine: the load
 generator shares the cores with the service, as a co-located client would.
@@ -22,7 +26,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import socket
 import tempfile
 import time
@@ -60,20 +63,29 @@ class BenchConfig:
     """Requests per cell before measuring."""
     concurrency: str = "1,4,16,32"
     """Comma-separated numbers of concurrent clients."""
-    images_per_request: str = "1"
+    images_per_request: str = "1,8,32"
     """Comma-separated images per request (several per request amortise the HTTP cost per image)."""
-    max_batch_size: int = 16
+    replicas: int = 0
+    """Service replicas, each with --torch-threads intra-op threads and its share of the cores; 0 = one per
+    core. On CPU, single-threaded replicas side by side beat one replica with several threads: they share no
+    thread barrier, and one replica's decoding overlaps the other's forward pass."""
+    max_batch_size: int = 32
     """Batch size for the batched mode (the other mode uses 1)."""
     batch_wait_timeout_s: float = 0.02
     """Batch wait for the batched mode. Longer waits fill batches when the replica's CPU is the bottleneck (a
     full batch costs far less per image), at up to this much extra latency when traffic is light."""
     torch_threads: int = 1
-    """Intra-op threads of the replica. One is best on 2 cores: the proxy, the replica's request handling and
-    the load generator need the other, and a second intra-op thread only spins waiting for it."""
+    """Intra-op threads of each replica."""
+    throughput_optimized: bool = True
+    """Start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1, Serve's own high-throughput mode (gRPC between proxy
+    and replicas, user code on the replica's main loop, no per-request log to stderr). --no-throughput-optimized
+    measures Serve's defaults."""
     offline_threads: int = 0
-    """Intra-op threads for the offline ceiling; 0 = every core (the ceiling is the whole machine's)."""
+    """Intra-op threads of the one-process offline ceiling; 0 = every core."""
     offline_batch_sizes: str = "1,16,32"
     """Batch sizes for the offline forward; the ceiling is the best of them."""
+    offline_seconds: float = 4.0
+    """Seconds per offline measurement (each layout, forward and batch size)."""
     out: str = "benchmarks/results"
     """Folder for serve_<name>.json and serve_<name>.md."""
     name: str = ""
@@ -85,13 +97,15 @@ class BenchConfig:
             out.append(f"{flag('checkpoint')}: '{self.checkpoint}' does not exist")
         if self.data and not Path(self.data).exists():
             out.append(f"{flag('data')}: '{self.data}' does not exist")
-        if self.offline_threads < 0:
-            out.append(f"{flag('offline_threads')}: must be >= 0")
+        for name in ("offline_threads", "replicas"):
+            if getattr(self, name) < 0:
+                out.append(f"{flag(name)}: must be >= 0")
         for name in ("requests", "max_batch_size", "torch_threads"):
             if getattr(self, name) < 1:
                 out.append(f"{flag(name)}: must be >= 1")
-        if self.seconds <= 0:
-            out.append(f"{flag('seconds')}: must be > 0")
+        for name in ("seconds", "offline_seconds"):
+            if getattr(self, name) <= 0:
+                out.append(f"{flag(name)}: must be > 0")
         for name in ("concurrency", "offline_batch_sizes", "images_per_request"):
             try:
                 values = _ints(getattr(self, name))
@@ -153,9 +167,13 @@ def _multipart(paths: list[Path], boundary: str = "fingerprintbenchboundary") ->
 # Offline ceiling
 
 
-def offline_ceiling(checkpoint: Path, images: list[Path], batch_sizes: list[int], threads: int,
-                    min_seconds: float = 4.0) -> dict[str, Any]:
-    """Images/s of the forward pass alone (pre-processed tensors) and of decode + pre-process + forward."""
+def _forward_rates(checkpoint: str, images: list[str], batch_sizes: list[int], threads: int, min_seconds: float,
+                   barrier: Any = None) -> dict[str, dict[str, float]]:
+    """Images/s of the eager and the traced forward pass on pre-processed batches, by batch size.
+
+    With a `barrier`, every process starts each timed run together, so concurrent processes share the cores
+    the way replicas do.
+    """
     import torch
 
     from fingerprint.checkpoint import load_checkpoint
@@ -163,42 +181,147 @@ def offline_ceiling(checkpoint: Path, images: list[Path], batch_sizes: list[int]
     from fingerprint.transforms import Preprocess
     from serve.model import trace_model
 
+    torch.set_num_threads(threads)
+    ckpt = load_checkpoint(checkpoint)
+    model = ckpt.model.eval()
+    pixels = Preprocess(ckpt.meta["data_config"]).batch([load_image(p) for p in images])
+    fast, _ = trace_model(model, tuple(ckpt.meta["data_config"]["input_size"]), torch.device("cpu"))
+    rates: dict[str, dict[str, float]] = {"eager": {}, "traced": {}}
+    with torch.no_grad():
+        for bs in batch_sizes:
+            batches = [pixels[[(s + j) % len(pixels) for j in range(bs)]] for s in range(0, len(pixels), bs)]
+            for name, net in (("eager", model), ("traced", fast)):
+                net(batches[0])  # warm-up (allocations, oneDNN kernels, the trace's optimisation)
+                net(batches[0])
+                if barrier is not None:
+                    barrier.wait(timeout=300)
+                n, t0, i = 0, time.perf_counter(), 0
+                while time.perf_counter() - t0 < min_seconds:
+                    net(batches[i % len(batches)])
+                    n += bs
+                    i += 1
+                rates[name][str(bs)] = n / (time.perf_counter() - t0)
+    return rates
+
+
+def _forward_rates_worker(args: tuple[Any, ...], barrier: Any, queue: Any) -> None:
+    try:
+        queue.put(_forward_rates(*args, barrier=barrier))
+    except BaseException as e:  # the parent waits on the queue: tell it, do not leave it hanging
+        barrier.abort()
+        queue.put(e)
+        raise
+
+
+def forward_rates(checkpoint: Path, images: list[Path], batch_sizes: list[int], threads: int, processes: int = 1,
+                  min_seconds: float = 4.0) -> dict[str, dict[str, float]]:
+    """`_forward_rates` of `processes` processes with `threads` threads each, running at once, summed."""
+    args = (str(checkpoint), [str(p) for p in images], batch_sizes, threads, min_seconds)
+    if processes == 1:
+        import torch
+
+        previous = torch.get_num_threads()
+        try:
+            return _forward_rates(*args)
+        finally:
+            torch.set_num_threads(previous)
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked Ray or torch thread state
+    barrier, queue = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_forward_rates_worker, args=(args, barrier, queue), daemon=True)
+             for _ in range(processes)]
+    for proc in procs:
+        proc.start()
+    try:
+        results = [queue.get(timeout=600) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        raise RuntimeError(f"offline forward in a child process failed: {failed[0]!r}") from failed[0]
+    return {net: {bs: sum(r[net][bs] for r in results) for bs in results[0][net]} for net in results[0]}
+
+
+def offline_ceiling(checkpoint: Path, images: list[Path], batch_sizes: list[int], threads: int,
+                    processes: int = 1, min_seconds: float = 4.0) -> dict[str, Any]:
+    """The best offline forward over layouts (1 process x `threads`; `processes` x 1 thread), forwards and
+    batch sizes, plus decode + pre-process + forward in one process (what a service without HTTP could do)."""
+    import torch
+
+    from fingerprint.checkpoint import load_checkpoint
+    from fingerprint.data import load_image
+    from fingerprint.transforms import Preprocess
+
+    layouts = {f"1x{threads}": forward_rates(checkpoint, images, batch_sizes, threads, 1, min_seconds)}
+    if processes > 1:
+        layouts[f"{processes}x1"] = forward_rates(checkpoint, images, batch_sizes, 1, processes, min_seconds)
+    best = max(((rate, layout, net, bs) for layout, nets in layouts.items() for net, by_bs in nets.items()
+                for bs, rate in by_bs.items()), key=lambda t: t[0])
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         ckpt = load_checkpoint(checkpoint)
-        model = ckpt.model.eval()
-        tf = Preprocess(ckpt.meta["data_config"])
-        tensors = [tf(load_image(p)) for p in images]
-        forward: dict[str, float] = {}
-        traced: dict[str, float] = {}
-        fast, _ = trace_model(model, tuple(ckpt.meta["data_config"]["input_size"]), torch.device("cpu"))
+        model, tf = ckpt.model.eval(), Preprocess(ckpt.meta["data_config"])
+        bs = int(best[3])
         with torch.no_grad():
-            for bs in batch_sizes:
-                batches = [torch.stack([tensors[(s + j) % len(tensors)] for j in range(bs)])
-                           for s in range(0, len(tensors), bs)]
-                for net, table in ((model, forward), (fast, traced)):
-                    net(batches[0])  # warm-up (allocations, oneDNN kernels, the trace's optimisation)
-                    net(batches[0])
-                    n, t0, i = 0, time.perf_counter(), 0
-                    while time.perf_counter() - t0 < min_seconds:
-                        net(batches[i % len(batches)])
-                        n += bs
-                        i += 1
-                    table[str(bs)] = n / (time.perf_counter() - t0)
-            best = max(batch_sizes, key=lambda b: max(forward[str(b)], traced[str(b)]))
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < min_seconds:
-                for s in range(0, len(images), best):
-                    batch = torch.stack([tf(load_image(p)) for p in images[s : s + best]])
+                for s in range(0, len(images), bs):
+                    batch = tf.batch([load_image(p) for p in images[s : s + bs]])
                     model(batch)
                     n += len(batch)
             end_to_end = n / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(previous)
-    return {"forward_images_per_s": forward, "traced_forward_images_per_s": traced, "best_batch_size": best,
-            "ceiling_images_per_s": max(forward[str(best)], traced[str(best)]),
-            "decode_preprocess_forward_images_per_s": end_to_end, "threads": threads}
+    return {"layouts": layouts, "ceiling_images_per_s": best[0],
+            "ceiling_at": {"layout": best[1], "forward": best[2], "batch_size": int(best[3])},
+            "decode_preprocess_forward_images_per_s": end_to_end, "decode_preprocess_forward_batch_size": bs,
+            "threads": threads}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where the CPU goes
+
+THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+
+ROLES = (("ServeReplica", "replicas"), ("ProxyActor", "proxy"), ("ServeController", "controller"))
+"""Command-line markers of Serve's actors (Ray names their processes ray::<Actor>)."""
+
+
+def cpu_times() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of every visible process, by pid, with its command line; {} without /proc."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended while we looked
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        name = cmd or stat[stat.find("(") + 1 : stat.rfind(")")]
+        out[int(entry.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
+    return out
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                client_pid: int) -> dict[str, float]:
+    """CPU seconds spent between two `cpu_times` snapshots by the replicas, the proxy, the controller, the load
+    generator, Ray's other processes (GCS, raylet, agents) and everything else on the machine."""
+    roles = {name: 0.0 for name in ("replicas", "proxy", "controller", "load generator", "ray other", "other")}
+    for pid, (cmd, t) in after.items():
+        spent = t - before.get(pid, (cmd, 0.0))[1]
+        if pid == client_pid:
+            role = "load generator"
+        else:
+            role = next((name for marker, name in ROLES if marker in cmd), None) or (
+                "ray other" if ("ray::" in cmd or "/ray/" in cmd) else "other")
+        roles[role] += max(spent, 0.0)
+    return {k: round(v, 3) for k, v in roles.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -237,11 +360,11 @@ async def run_load(url: str, bodies: list[tuple[bytes, str]], concurrency: int, 
         await asyncio.gather(*(client(session, False, warmup, time.perf_counter() + seconds)
                                for _ in range(concurrency)))
         counter["sent"] = 0
-        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        procs0 = cpu_times()
         t0 = time.perf_counter()
         await asyncio.gather(*(client(session, True, requests, t0 + seconds) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        procs1 = cpu_times()
     lat = np.array(latencies) * 1000
     return {
         "concurrency": concurrency, "images_per_request": images_per_request, "ok": len(latencies),
@@ -249,7 +372,7 @@ async def run_load(url: str, bodies: list[tuple[bytes, str]], concurrency: int, 
         "images_per_s": len(latencies) * images_per_request / wall if wall > 0 else 0.0,
         "latency_ms": {q: float(np.percentile(lat, int(q[1:]))) if len(lat) else None for q in ("p50", "p95", "p99")}
         | {"mean": float(lat.mean()) if len(lat) else None},
-        "client_cpu_s": round((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime), 3),
+        "cpu_s": cpu_by_role(procs0, procs1, os.getpid()) if procs1 else None,
     }
 
 
@@ -260,10 +383,11 @@ def _get_json(url: str) -> dict[str, Any]:
         return json.loads(r.read())
 
 
-def _post(url: str) -> None:
+def _post(url: str) -> dict[str, Any]:
     import urllib.request
 
-    urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b""), timeout=30).read()
+    with urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b""), timeout=30) as r:
+        return json.loads(r.read())
 
 
 def _free_port() -> int:
@@ -273,6 +397,29 @@ def _free_port() -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _replica_batching(base: str, replicas: int, reset: bool = False) -> dict[str, Any]:
+    """Batch statistics merged over the replicas (each HTTP call reaches one replica: ask until all answered)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(10 * replicas):
+        if reset:
+            with_tag = _post(f"{base}/v1/stats/reset")
+            seen[with_tag["replica"]] = with_tag
+        else:
+            info = _get_json(f"{base}/v1/model")
+            seen[info["replica"]] = info["batching"]
+        if len(seen) == replicas:
+            break
+    if reset:
+        return {"replicas_reset": len(seen)}
+    histogram: dict[int, int] = {}
+    for b in seen.values():
+        for size, count in b["histogram"].items():
+            histogram[int(size)] = histogram.get(int(size), 0) + count
+    images, batches = sum(k * v for k, v in histogram.items()), sum(histogram.values())
+    return {"replicas_seen": len(seen), "mean_batch_size": round(images / batches, 3) if batches else None,
+            "max_observed_batch_size": max(histogram) if histogram else None}
 
 
 def serve_cells(config: BenchConfig, checkpoint: Path, data: Path, images: list[Path]) -> list[dict[str, Any]]:
@@ -285,30 +432,38 @@ def serve_cells(config: BenchConfig, checkpoint: Path, data: Path, images: list[
     base = f"http://127.0.0.1:{port}"
     bodies = {n: [_multipart([images[(i + j) % len(images)] for j in range(n)]) for i in range(len(images))]
               for n in _ints(config.images_per_request)}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cores = os.cpu_count() or 1
+    replicas = config.replicas or cores
+    # Read by Serve's processes when they start (they inherit the driver's environment through the raylet).
+    saved = os.environ.get(THROUGHPUT_ENV)
+    os.environ[THROUGHPUT_ENV] = "1" if config.throughput_optimized else "0"
     cells = []
     try:
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
         for mode, mbs in (("batched", config.max_batch_size), ("max_batch_size=1", 1)):
             cfg = load_config(
                 user_config={"checkpoint": str(checkpoint), "registered_model": "", "gallery": str(data),
                              "reference": "", "calibrate": "no", "max_batch_size": mbs,
                              "batch_wait_timeout_s": config.batch_wait_timeout_s if mbs > 1 else 0.0,
-                             "torch_threads": config.torch_threads, "auth_token_env": ""},
-                deployment={"num_replicas": 1, "max_ongoing_requests": max(64, 2 * config.max_batch_size)})
+                             "torch_threads": config.torch_threads, "auth_token_env": "",
+                             "max_images_per_request": max(64, *bodies)},
+                deployment={"num_replicas": replicas, "max_ongoing_requests": max(64, 2 * config.max_batch_size),
+                            "ray_actor_options": {"num_cpus": cores / replicas}})
             cfg["http_options"]["port"] = port
             deploy_config(cfg)
+            running = serve.status().applications[cfg["applications"][0]["name"]].deployments
+            if sum(d.replica_states.get("RUNNING", 0) for d in running.values()) != replicas:
+                raise RuntimeError(f"asked for {replicas} replicas, Serve runs {running}")
             info = _get_json(f"{base}/v1/model")
             forward = info["forward"]
-            log.info("%s: serving %s (%s), gallery %d, threads %d", mode, info["backbone"], forward,
-                     info["gallery"]["size"], info["torch_threads"])
+            log.info("%s: serving %s (%s) on %d replica(s), gallery %d, threads %d", mode, info["backbone"], forward,
+                     replicas, info["gallery"]["size"], info["torch_threads"])
             for n, c in [(n, c) for n in bodies for c in _ints(config.concurrency)]:
-                _post(f"{base}/v1/stats/reset")
+                _replica_batching(base, replicas, reset=True)
                 cell = asyncio.run(run_load(f"{base}/v1/score", bodies[n], c, config.requests, config.seconds,
                                             config.warmup, n))
-                batching = _get_json(f"{base}/v1/model")["batching"]
-                cell.update(mode=mode, max_batch_size=mbs, forward=forward, mean_batch_size=batching["mean_batch_size"],
-                            max_observed_batch_size=batching["max_observed_batch_size"],
-                            load_avg_after=os.getloadavg()[0])
+                cell.update(mode=mode, max_batch_size=mbs, forward=forward, replicas=replicas,
+                            **_replica_batching(base, replicas), load_avg_after=os.getloadavg()[0])
                 log.info("%-16s n=%-2d c=%-3d %7.1f img/s  p50 %7.1f ms  p99 %7.1f ms  batch %.2f  errors %s", mode, n,
                          c, cell["images_per_s"], cell["latency_ms"]["p50"] or -1, cell["latency_ms"]["p99"] or -1,
                          cell["mean_batch_size"] or 0, cell["errors"] or "none")
@@ -316,52 +471,72 @@ def serve_cells(config: BenchConfig, checkpoint: Path, data: Path, images: list[
     finally:
         serve.shutdown()
         ray.shutdown()
+        if saved is None:
+            os.environ.pop(THROUGHPUT_ENV, None)
+        else:
+            os.environ[THROUGHPUT_ENV] = saved
     return cells
 
 
 def markdown(result: dict[str, Any]) -> str:
     off = result["offline"]
-    ceiling = max(off["before"]["ceiling_images_per_s"], off["after"]["ceiling_images_per_s"])
+    b, a = off["before"], off["after"]
+    ceiling = max(b["ceiling_images_per_s"], a["ceiling_images_per_s"])
+    at = max((b, a), key=lambda o: o["ceiling_images_per_s"])["ceiling_at"]
+    sizes = list(next(iter(b["layouts"].values()))["eager"])
     lines = [
         f"# Serving benchmark: {result['name']}",
         "",
         f"{result['model']}; {result['machine']}; {result['when']}.",
         f"Load average (1 min) before / after: {result['load_avg_before']:.2f} / {result['load_avg_after']:.2f} "
-        "(the machine is shared with other work: numbers move with it).",
+        "(other work on the machine moves the numbers; the 'other' CPU column below shows how much ran beside).",
         "",
-        f"Offline forward pass ({off['before']['threads']} threads), pre-processed batches, images/s "
-        "(before / after the service ran):",
+        "Offline forward pass on pre-processed batches, images/s before / after the service ran. Layout "
+        "PxT = P processes with T intra-op threads each, running at once (summed):",
         "",
-        "| batch | eager before | eager after | traced before | traced after |",
-        "|---:|---:|---:|---:|---:|",
+        "| layout | forward | " + " | ".join(f"batch {bs}" for bs in sizes) + " |",
+        "|---|---|" + "---:|" * len(sizes),
     ]
-    b, a = off["before"], off["after"]
-    for bs in b["forward_images_per_s"]:
-        lines.append(f"| {bs} | {b['forward_images_per_s'][bs]:.1f} | {a['forward_images_per_s'][bs]:.1f} | "
-                     f"{b['traced_forward_images_per_s'][bs]:.1f} | {a['traced_forward_images_per_s'][bs]:.1f} |")
+    for layout in b["layouts"]:
+        for net in ("eager", "traced"):
+            lines.append(f"| {layout} | {net} | " + " | ".join(
+                f"{b['layouts'][layout][net][bs]:.0f} / {a['layouts'][layout][net][bs]:.0f}" for bs in sizes) + " |")
     lines += [
         "",
-        f"Decode + pre-process + eager forward (batch {b['best_batch_size']}): "
-        f"{b['decode_preprocess_forward_images_per_s']:.1f} / {a['decode_preprocess_forward_images_per_s']:.1f} "
-        "images/s.",
+        f"Decode + pre-process + eager forward, one process, {b['threads']} threads, batch "
+        f"{b['decode_preprocess_forward_batch_size']}: {b['decode_preprocess_forward_images_per_s']:.0f} / "
+        f"{a['decode_preprocess_forward_images_per_s']:.0f} images/s.",
         "",
-        f"Ceiling used below: {ceiling:.1f} images/s (best offline forward, eager or traced, before or after).",
+        f"**Ceiling used below: {ceiling:.1f} images/s** (the best of every cell above: layout {at['layout']}, "
+        f"{at['forward']}, batch {at['batch_size']}).",
         "",
-        f"Service: POST /v1/score (multipart), closed-loop clients on loopback, one replica with "
-        f"{result['config']['torch_threads']} intra-op thread(s), forward: {result.get('forward', '?')}. Latency is "
-        "per request; images/s counts images.",
+        f"Service: POST /v1/score (multipart), closed-loop clients on loopback, {result['cells'][0]['replicas']} "
+        f"replica(s) with {result['config']['torch_threads']} intra-op thread(s) each, forward: "
+        f"{result.get('forward', '?')}, {THROUGHPUT_ENV}={int(result['config']['throughput_optimized'])}. "
+        "Latency is per request; images/s counts images. CPU columns: "
+        "milliseconds of CPU per image spent by the replicas, the HTTP proxy, the load generator, and the rest "
+        "(Serve controller, Ray's GCS/raylet/agents, other work on the machine); busy = all of it over the "
+        "cell's wall time x cores.",
         "",
         "| mode | images/request | clients | ok requests | errors | images/s | vs ceiling | p50 ms | p95 ms | p99 ms "
-        "| mean batch | max batch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mean batch | max batch | CPU replicas | CPU proxy | CPU client | CPU rest | busy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    cores = int(result.get("cores") or 1)
     for c in result["cells"]:
         lat = c["latency_ms"]
+        images = c["ok"] * c["images_per_request"]
+        cpu = c.get("cpu_s") or {}
+        per = {k: 1000 * v / images if images else 0.0 for k, v in cpu.items()}
+        rest = sum(v for k, v in per.items() if k not in ("replicas", "proxy", "load generator"))
+        busy = sum(cpu.values()) / (c["wall_s"] * cores) if cpu and c["wall_s"] else 0.0
         lines.append(
             f"| {c['mode']} | {c['images_per_request']} | {c['concurrency']} | {c['ok']} | "
             f"{sum(c['errors'].values())} | "
-            f"{c['images_per_s']:.1f} | {c['images_per_s'] / ceiling:.2f} | {lat['p50']:.1f} | {lat['p95']:.1f} | "
-            f"{lat['p99']:.1f} | {c['mean_batch_size'] or 0:.2f} | {c['max_observed_batch_size'] or 0} |")
+            f"{c['images_per_s']:.1f} | {c['images_per_s'] / ceiling:.2f} | {lat['p50'] or 0:.1f} | "
+            f"{lat['p95'] or 0:.1f} | {lat['p99'] or 0:.1f} | {c['mean_batch_size'] or 0:.2f} | "
+            f"{c['max_observed_batch_size'] or 0} | {per.get('replicas', 0):.2f} | {per.get('proxy', 0):.2f} | "
+            f"{per.get('load generator', 0):.2f} | {rest:.2f} | {busy:.0%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -379,16 +554,18 @@ def main(config: BenchConfig) -> Path:
         load_before = os.getloadavg()[0]
         batch_sizes = _ints(config.offline_batch_sizes)
         threads = config.offline_threads or os.cpu_count() or 1
-        before = offline_ceiling(checkpoint, images, batch_sizes, threads)
+        processes = config.replicas or os.cpu_count() or 1
+        before = offline_ceiling(checkpoint, images, batch_sizes, threads, processes, config.offline_seconds)
         log.info("offline before: %s", before)
         cells = serve_cells(config, checkpoint, data, images)
-        after = offline_ceiling(checkpoint, images, batch_sizes, threads)
+        after = offline_ceiling(checkpoint, images, batch_sizes, threads, processes, config.offline_seconds)
         log.info("offline after: %s", after)
     result = {
         "name": name, "config": asdict(config),
         "model": f"{config.backbone} at {config.image_size} px, embed {config.embed_dim}"
         if not config.checkpoint else f"checkpoint {config.checkpoint}",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "cores": os.cpu_count(),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
         "offline": {"before": before, "after": after}, "cells": cells,
