@@ -76,10 +76,10 @@ class BenchConfig:
     full batch costs far less per image), at up to this much extra latency when traffic is light."""
     torch_threads: int = 1
     """Intra-op threads of each replica."""
-    throughput_optimized: bool = True
+    throughput_optimized: bool = False
     """Start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1, Serve's own high-throughput mode (gRPC between proxy
-    and replicas, user code on the replica's main loop, no per-request log to stderr). --no-throughput-optimized
-    measures Serve's defaults."""
+    and replicas, user code on the replica's main loop, no per-request log to stderr), instead of Serve's
+    defaults (what serve/config.yaml and `fingerprint serve` run)."""
     offline_threads: int = 0
     """Intra-op threads of the one-process offline ceiling; 0 = every core."""
     offline_batch_sizes: str = "1,16,32"
@@ -195,12 +195,18 @@ def _forward_rates(checkpoint: str, images: list[str], batch_sizes: list[int], t
                 net(batches[0])
                 if barrier is not None:
                     barrier.wait(timeout=300)
-                n, t0, i = 0, time.perf_counter(), 0
-                while time.perf_counter() - t0 < min_seconds:
+                # Count only batches that finish inside one window common to every process, and keep running
+                # past its end: then all processes load the cores for the whole window. (Each timing its own
+                # window would let one run alone while another starts late, and inflate the sum.)
+                start = time.time() + 0.25 * min_seconds
+                end = start + min_seconds
+                n, i = 0, 0
+                while time.time() < end:
                     net(batches[i % len(batches)])
-                    n += bs
                     i += 1
-                rates[name][str(bs)] = n / (time.perf_counter() - t0)
+                    if start <= time.time() <= end:
+                        n += bs
+                rates[name][str(bs)] = n / min_seconds
     return rates
 
 
