@@ -1,7 +1,8 @@
 """Bounded load test of the scoring service on loopback, beside the offline batched forward (the ceiling).
 
     python -m serve.bench --out benchmarks/results              # lite0 at 64 px, phantom data, 1/8/32 per request
-    python -m serve.bench --image-size 224 --name lite0-224 --requests 150   # a heavier forward pass
+    python -m serve.bench --image-size 224 --name tf_efficientnet_lite0-224-batch2 --max-batch-size 2 \
+        --images-per-request 1,8 --concurrency 1,4,16 --offline-batch-sizes 1,2,4,16   # a heavier forward
 
 For each mode (dynamic batching on; `max_batch_size=1`), images per request and concurrency level, N
 closed-loop clients send POST /v1/score requests (multipart, encoded once beforehand) until --requests have
