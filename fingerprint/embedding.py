@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
 def embed_images(
     model: nn.Module,
     images: Sequence[Image.Image],
-    transform: Callable[[Image.Image], torch.Tensor],
+    transform: Preprocess,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     amp: bool = True,
@@ -45,10 +45,7 @@ def embed_images(
         for start in tqdm(
             range(0, len(images), batch_size), desc=progress, disable=progress is None, unit="batch", leave=False
         ):
-            chunk = images[start : start + batch_size]
-            # Preprocess normalises a whole batch at once, which is cheaper than image by image.
-            batch = (transform.batch(chunk) if isinstance(transform, Preprocess)
-                     else torch.stack([transform(im) for im in chunk])).to(device)
+            batch = transform.batch(images[start : start + batch_size]).to(device)
             with autocast(device, amp):
                 out.append(model(batch).float().cpu())
     finally:
