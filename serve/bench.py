@@ -30,6 +30,7 @@ import platform
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ from fingerprint.config import flag, validate
 from fingerprint.io import write_text_atomic
 
 log = logging.getLogger(__name__)
+
+THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+"""Serve's high-throughput mode; read by Serve's processes when they start (--throughput-optimized)."""
 
 
 @dataclass
@@ -185,12 +189,12 @@ def _forward_rates(checkpoint: str, images: list[str], batch_sizes: list[int], t
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)
     model = ckpt.model.eval()
-    pixels = Preprocess(ckpt.meta["data_config"]).batch([load_image(p) for p in images])
+    inputs = Preprocess(ckpt.meta["data_config"]).batch([load_image(p) for p in images])
     fast, _ = trace_model(model, tuple(ckpt.meta["data_config"]["input_size"]), torch.device("cpu"))
     rates: dict[str, dict[str, float]] = {"eager": {}, "traced": {}}
     with torch.no_grad():
         for bs in batch_sizes:
-            batches = [pixels[[(s + j) % len(pixels) for j in range(bs)]] for s in range(0, len(pixels), bs)]
+            batches = [inputs[[(s + j) % len(inputs) for j in range(bs)]] for s in range(0, len(inputs), bs)]
             for name, net in (("eager", model), ("traced", fast)):
                 net(batches[0])  # warm-up (allocations, oneDNN kernels, the trace's optimisation)
                 net(batches[0])
@@ -292,8 +296,6 @@ def offline_ceiling(checkpoint: Path, images: list[Path], batch_sizes: list[int]
 
 # ---------------------------------------------------------------------------------------------------------
 # Where the CPU goes
-
-THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 
 ROLES = (("ServeReplica", "replicas"), ("ProxyActor", "proxy"), ("ServeController", "controller"))
 """Command-line markers of Serve's actors (Ray names their processes ray::<Actor>)."""
@@ -406,23 +408,23 @@ def _free_port() -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _replica_batching(base: str, replicas: int, reset: bool = False) -> dict[str, Any]:
-    """Batch statistics merged over the replicas (each HTTP call reaches one replica: ask until all answered)."""
+def _ask_each_replica(ask: Callable[[], dict[str, Any]], replicas: int) -> dict[str, dict[str, Any]]:
+    """Answers by replica tag: each HTTP call reaches one replica, so ask until every replica has answered."""
     seen: dict[str, dict[str, Any]] = {}
     for _ in range(10 * replicas):
-        if reset:
-            with_tag = _post(f"{base}/v1/stats/reset")
-            seen[with_tag["replica"]] = with_tag
-        else:
-            info = _get_json(f"{base}/v1/model")
-            seen[info["replica"]] = info["batching"]
+        answer = ask()
+        seen[answer["replica"]] = answer
         if len(seen) == replicas:
             break
-    if reset:
-        return {"replicas_reset": len(seen)}
+    return seen
+
+
+def _replica_batching(base: str, replicas: int) -> dict[str, Any]:
+    """Batch statistics merged over the replicas."""
+    seen = _ask_each_replica(lambda: _get_json(f"{base}/v1/model"), replicas)
     histogram: dict[int, int] = {}
-    for b in seen.values():
-        for size, count in b["histogram"].items():
+    for info in seen.values():
+        for size, count in info["batching"]["histogram"].items():
             histogram[int(size)] = histogram.get(int(size), 0) + count
     images, batches = sum(k * v for k, v in histogram.items()), sum(histogram.values())
     return {"replicas_seen": len(seen), "mean_batch_size": round(images / batches, 3) if batches else None,
@@ -466,7 +468,7 @@ def serve_cells(config: BenchConfig, checkpoint: Path, data: Path, images: list[
             log.info("%s: serving %s (%s) on %d replica(s), gallery %d, threads %d", mode, info["backbone"], forward,
                      replicas, info["gallery"]["size"], info["torch_threads"])
             for n, c in [(n, c) for n in bodies for c in _ints(config.concurrency)]:
-                _replica_batching(base, replicas, reset=True)
+                _ask_each_replica(lambda: _post(f"{base}/v1/stats/reset"), replicas)
                 cell = asyncio.run(run_load(f"{base}/v1/score", bodies[n], c, config.requests, config.seconds,
                                             config.warmup, n))
                 cell.update(mode=mode, max_batch_size=mbs, forward=forward, replicas=replicas,
