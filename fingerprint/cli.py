@@ -103,5 +103,6 @@ def run(cmd: Command, args: argparse.Namespace, label: str) -> int:
         return 2
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
