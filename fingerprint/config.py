@@ -164,6 +164,63 @@ class TrainConfig(ScoreConfig, ModelConfig):
         return out
 
 
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric field, given as ``Annotated[int, Range(1)]``: checked by :func:`check_fields`."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def problem(self, value: float) -> str | None:
+        below = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        above = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+        if not (below or above):
+            return None
+        if self.lo is not None and self.hi is not None:
+            return (f"must be in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+                    f" (got {value})")
+        if self.lo is not None:
+            return f"must be {'>' if self.lo_open else '>='} {self.lo:g} (got {value})"
+        return f"must be {'<' if self.hi_open else '<='} {self.hi:g} (got {value})"
+
+
+def check_fields(config: Any) -> list[str]:
+    """Problems derived from the field types alone: Literal choices, Range bounds, int/float/bool/str kinds."""
+    out = []
+    hints = typing.get_type_hints(type(config), include_extras=True)
+    for f in fields(config):
+        value = getattr(config, f.name)
+        tp, bounds = hints[f.name], []
+        if typing.get_origin(tp) is typing.Annotated:
+            tp, *meta = typing.get_args(tp)
+            bounds = [m for m in meta if isinstance(m, Range)]
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) in (types.UnionType, typing.Union) and type(None) in args:
+            if value is None:
+                continue
+            tp = next(a for a in args if a is not type(None))
+        problem = None
+        if typing.get_origin(tp) is Literal:
+            if value not in typing.get_args(tp):
+                problem = f"one of {', '.join(map(str, typing.get_args(tp)))} (got {value!r})"
+        elif tp is bool:
+            if not isinstance(value, bool):
+                problem = f"must be true or false (got {value!r})"
+        elif tp in (int, float):
+            if isinstance(value, bool) or not isinstance(value, int | float) or (tp is int and not float(
+                    value).is_integer()):
+                problem = f"must be {'an integer' if tp is int else 'a number'} (got {value!r})"
+            else:
+                problem = next((p for p in (b.problem(value) for b in bounds) if p), None)
+        elif tp is str and not isinstance(value, str):
+            problem = f"must be a string (got {value!r})"
+        if problem:
+            out.append(f"{flag(f.name)}: {problem}")
+    return out
+
+
 def validate(config: Any) -> Any:
     """Raise ConfigError listing every problem of `config` (each naming its flag); return it unchanged if fine."""
     problems = config.problems()

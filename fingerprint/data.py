@@ -44,6 +44,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from fingerprint.features.handcrafted import area_matrix, images_to_array
+
 __all__ = [
     "ROLES",
     "DataError",
@@ -270,21 +272,11 @@ def load_array(items: Sequence[ImageItem | str | Path], size: int | None = None)
     if not images:
         side = size or 0
         return np.zeros((0, side, side), dtype=np.float32)
-    if size is not None:
-        target = (size, size)
-    else:
+    if size is None:
         counts = Counter(im.size for im in images)
         top = max(counts.values())
-        target = max(s for s, n in counts.items() if n == top)
-    out = np.empty((len(images), target[1], target[0]), dtype=np.float32)
-    for i, im in enumerate(images):
-        a = np.asarray(im, dtype=np.float32) / 255.0
-        if im.size != target:
-            # Resize in float so bicubic does not round to 8 bits twice.
-            a = np.asarray(Image.fromarray(a, mode="F").resize(target, Image.Resampling.BICUBIC))
-        out[i] = a
-    np.clip(out, 0.0, 1.0, out=out)
-    return out
+        return images_to_array(images, max(s for s, n in counts.items() if n == top))
+    return images_to_array(images, size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -507,16 +499,6 @@ def open_benchmark(root: str | Path, skip_bad: bool = False) -> tuple[ImageSet, 
 # Grouping and splits
 
 
-def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) matrix averaging input cells into output cells by overlap (area downscaling)."""
-    edges = np.linspace(0.0, n_in, n_out + 1)
-    lo = np.arange(n_in, dtype=np.float64)
-    overlap = np.clip(
-        np.minimum(lo[None, :] + 1, edges[1:, None]) - np.maximum(lo[None, :], edges[:-1, None]), 0.0, None
-    )
-    return overlap / overlap.sum(axis=1, keepdims=True)
-
-
 def _components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Connected-component label (smallest member index) per node, for edges (i, j); vectorised union-find."""
     parent = np.arange(n)
@@ -579,7 +561,7 @@ def infer_groups(
         return np.zeros(0, dtype=np.int64)
     x = x.astype(np.float64, copy=False)
     th, tw = min(thumb, h), min(thumb, w)
-    t = np.einsum("ph,nhw,qw->npq", _area_matrix(h, th), x, _area_matrix(w, tw), optimize=True).reshape(n, -1)
+    t = np.einsum("ph,nhw,qw->npq", area_matrix(h, th), x, area_matrix(w, tw), optimize=True).reshape(n, -1)
     mean = t.mean(axis=1, keepdims=True)
     z = t - mean
     norm = np.linalg.norm(z, axis=1)

@@ -26,6 +26,7 @@ from fingerprint import data as fpdata
 from fingerprint.backbones import EmbeddingNet, create_embedder, data_config
 from fingerprint.checkpoint import save_checkpoint, unwrap
 from fingerprint.config import ModelConfig, ScoreConfig, TrainConfig, subset, to_dict
+from fingerprint.detectors.base import FitData
 from fingerprint.embedding import autocast, embed_images, resolve_device
 from fingerprint.losses import TripletLoss
 from fingerprint.metrics import all_metrics
@@ -98,6 +99,17 @@ def load_training_data(config: TrainConfig) -> TrainingData:
                      for it, src in zip(gen_items, sources, strict=True)],
         reference=images + unknown_images,
         split={"train": [labelled[i].id for i in train_idx], "val": [labelled[i].id for i in val_idx]},
+    )
+
+
+def training_data(data: FitData) -> TrainingData:
+    """The triplet loop's view of a detector's FitData: positives and negatives from its training images only."""
+    y = data.labels[data.train]
+    return TrainingData(
+        anchors=data.generated, anchor_sources=data.generated_source,
+        positives=[data.real[i] for i in data.train[y == 1]], negatives=[data.real[i] for i in data.train[y == 0]],
+        val_images=[], val_labels=np.zeros(0, dtype=np.int64), val_ids=[],
+        gallery=data.generated, gallery_ids=data.generated_ids, reference=data.real, split=data.split,
     )
 
 

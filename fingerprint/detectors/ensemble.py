@@ -1,0 +1,160 @@
+"""Ensembles of detectors: member scores turned into ranks within the real reference pool, then averaged.
+
+A member's score of an image becomes its rank among the member's scores of the reference pool, divided by the
+pool's size (mid-rank for ties): no scale, no labels, and the same number whether the image is scored inside
+the pool or uploaded alone. ``rank_ensemble`` averages every member; ``selected_ensemble`` averages the subset of
+members with the best AUC on the training labels (ties go to the larger subset, averaging more is safer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fingerprint.config import ConfigError
+from fingerprint.detectors.base import Detector, FitData, Scores, create_detector, register
+
+__all__ = ["RankEnsemble", "SelectedEnsemble"]
+
+
+@dataclass
+class EnsembleSettings:
+    members: str = "pixel_ncc,gradient_nn"
+    """Comma-separated presets (see fingerprint.detectors.PRESETS), each a label-free detector."""
+
+
+def _mid_rank(sorted_ref: np.ndarray, values: np.ndarray) -> np.ndarray:
+    lo = np.searchsorted(sorted_ref, values, side="left")
+    hi = np.searchsorted(sorted_ref, values, side="right")
+    return (lo + hi + 1) / (2.0 * len(sorted_ref))
+
+
+@register("rank_ensemble")
+class RankEnsemble(Detector):
+    """Rank average of label-free member detectors (ranks within the real reference pool)."""
+
+    Settings = EnsembleSettings
+    family = "e"
+
+    def __init__(self, settings) -> None:  # noqa: ANN001
+        super().__init__(settings)
+        from fingerprint.detectors import PRESETS
+
+        self.names = [m.strip() for m in settings.members.split(",") if m.strip()]
+        unknown = [m for m in self.names if m not in PRESETS]
+        if not self.names or unknown:
+            raise ConfigError([f"--members: unknown preset(s) {', '.join(unknown) or '(none given)'}; "
+                               f"known: {', '.join(PRESETS)}"])
+        self.members: list[Detector] = []
+        self.reference_scores: list[np.ndarray] = []
+        self.chosen: tuple[int, ...] = tuple(range(len(self.names)))
+        self.prefitted: dict[str, Detector] = {}
+        """Members already fitted on the same images (the harness shares them), used instead of refitting."""
+
+    def _members(self) -> list[Detector]:
+        from fingerprint.detectors import PRESETS
+
+        out = []
+        for name in self.names:
+            kind_name, settings = PRESETS[name]
+            d = create_detector(kind_name, settings)
+            if d.learns:
+                raise ConfigError([f"--members: {name} learns from labels; ensemble members must not"])
+            d.meta.extra["name"] = name
+            out.append(d)
+        return out
+
+    def index(self, generated, generated_ids, reference, reference_ids, reference_groups=None,  # noqa: ANN001
+              progress: bool = False) -> None:
+        self.members = []
+        for m in self._members():
+            pre = self.prefitted.get(m.name)
+            if pre is not None and pre.gallery_ids == list(generated_ids) and pre.reference_ids == list(reference_ids):
+                m = pre
+            else:
+                m.index(generated, generated_ids, reference, reference_ids, reference_groups, progress)
+            self.members.append(m)
+        self.gallery_ids = list(generated_ids)
+        self._set_reference(reference_ids, reference_groups)
+        self.reference_scores = [np.sort(m.score(reference, reference_ids).score) for m in self.members]
+
+    def member_ranks(self, images: Sequence[Image.Image], ids: Sequence[str] | None) -> tuple[np.ndarray, Scores]:
+        """(members, N) ranks and the first member's scores (its evidence)."""
+        out, first = [], None
+        for m, ref in zip(self.members, self.reference_scores, strict=True):
+            s = m.score(images, ids)
+            first = s if first is None else first
+            out.append(_mid_rank(ref, s.score))
+        return np.array(out), first
+
+    def score(self, images: Sequence[Image.Image], ids: Sequence[str] | None = None) -> Scores:
+        ranks, first = self.member_ranks(images, ids)
+        # Evidence comes from the first chosen member: its neighbours, in its own feature space.
+        lead = self.chosen[0]
+        ev = first if lead == 0 else self.members[lead].score(images, ids)
+        return Scores(ranks[list(self.chosen)].mean(axis=0), ev.nearest, ev.nearest_similarity,
+                      ev.generated_similarity)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for i, (m, ref) in enumerate(zip(self.members, self.reference_scores, strict=True)):
+            out.update({f"m{i}.{k}": v for k, v in m.arrays().items()})
+            out[f"m{i}.reference_scores"] = ref
+        return out
+
+    def _save_members(self) -> None:
+        self.meta.extra["members"] = [{"name": m.name, "kind": m.kind, "settings": m.meta.settings,
+                                       "extra": m.meta.extra} for m in self.members]
+        self.meta.extra["chosen"] = [self.names[i] for i in self.chosen]
+
+    def save(self, path):  # noqa: ANN001, ANN201
+        self._save_members()
+        return super().save(path)
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        saved: list[dict[str, Any]] = self.meta.extra.get("members", [])
+        self.members, self.reference_scores = [], []
+        for i, info in enumerate(saved):
+            m = create_detector(info["kind"], info["settings"])
+            m.meta.extra = dict(info.get("extra") or {})
+            m.gallery_ids, m.reference_ids, m.reference_groups = self.gallery_ids, self.reference_ids, \
+                self.reference_groups
+            prefix = f"m{i}."
+            m.load_arrays({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+            self.members.append(m)
+            self.reference_scores.append(arrays[f"{prefix}reference_scores"])
+        chosen = self.meta.extra.get("chosen", self.names)
+        self.chosen = tuple(self.names.index(n) for n in chosen)
+
+
+@dataclass
+class SelectedSettings(EnsembleSettings):
+    members: str = "pixel_ncc,pixel_mass,subspace_mass,gradient_nn,domain_clf"
+    """Comma-separated presets the subset is chosen from (each label-free)."""
+
+
+@register("selected_ensemble")
+class SelectedEnsemble(RankEnsemble):
+    """Rank average of the subset of members with the best AUC on the training labels."""
+
+    Settings = SelectedSettings
+    learns = True
+
+    def fit(self, data: FitData, progress: bool = False) -> None:
+        from fingerprint.metrics import roc_auc
+
+        self.index(data.generated, data.generated_ids, data.real, data.real_ids, data.groups, progress)
+        y = data.labels[data.train]
+        if len(np.unique(y)) < 2:
+            raise ValueError("selected_ensemble chooses its members on labels: the training images need both "
+                             "used and not-used ones")
+        ranks, _ = self.member_ranks([data.real[i] for i in data.train], [data.real_ids[i] for i in data.train])
+        subsets = [c for r in range(len(self.names), 0, -1) for c in combinations(range(len(self.names)), r)]
+        # Larger subsets come first, and max() keeps the first of equals: ties go to more members.
+        self.chosen = max(subsets, key=lambda c: roc_auc(y, ranks[list(c)].mean(axis=0)))
+        self.meta.extra["chosen"] = [self.names[i] for i in self.chosen]

@@ -1,0 +1,1 @@
+"""What detectors compare: hand-crafted image features (pixels, gradients, SSIM) and learnt embeddings."""
