@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from fingerprint.backbones import EmbeddingNet, create_embedder
-from fingerprint.config import ModelConfig, from_dict, to_dict
-from fingerprint.io import atomic_dir
+from fingerprint.config import ModelConfig, from_dict
+from fingerprint.io import atomic_dir, jsonable
 
 FORMAT_VERSION = 1
 
@@ -47,21 +47,10 @@ def save_checkpoint(
     meta = {"format_version": FORMAT_VERSION, **meta}
     with atomic_dir(path) as tmp:
         torch.save(unwrap(model).state_dict(), tmp / "model.pt")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=_jsonable))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=jsonable))
         if training_state is not None:
             torch.save(training_state, tmp / "training_state.pt")
     return path
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    try:
-        return to_dict(value)
-    except TypeError:
-        return str(value)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -85,4 +74,4 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_training_state(path: str | Path) -> dict[str, Any] | None:
     f = Path(path) / "training_state.pt"
-    return torch.load(f, map_location="cpu", weights_only=False) if f.is_file() else None
+    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None

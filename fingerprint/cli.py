@@ -38,6 +38,7 @@ def _lazy(module: str, config: str) -> Callable[[], Command]:
 
 
 BUILTIN: dict[str, Callable[[], Command]] = {
+    "fit": _lazy("fingerprint.fit", "FitConfig"),
     "train": _lazy("fingerprint.train", "TrainConfig"),
     "predict": _lazy("fingerprint.predict", "PredictConfig"),
     "evaluate": _lazy("fingerprint.evaluate", "EvaluateConfig"),

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 C = TypeVar("C")
 
@@ -35,6 +35,9 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+BENCHMARK_HINT = "a benchmark folder such as ../shared/bench/ctbench-s1"
+
+
 @dataclass
 class ModelConfig:
     backbone: str = "tf_efficientnet_lite0"
@@ -42,15 +45,15 @@ class ModelConfig:
     weights: str = "hub"
     """Pretrained weights: a local timm state-dict file (.safetensors/.pth/.bin), 'hub' to download timm's default
     weights (needs the model hub to be reachable), or 'none' for random initialisation."""
-    embed_dim: int = 128
+    embed_dim: Annotated[int, Range(2)] = 128
     """Dimension of the L2-normalised embedding produced by the projection head."""
-    image_size: int | None = None
+    image_size: Annotated[int | None, Range(16)] = None
     """Square input size in pixels; None keeps the model's own (timm data config). Smaller is much faster on CPU."""
-    in_chans: int = 1
+    in_chans: Literal[1, 3] = 1
     """Input channels: 1 feeds gray images to a first conv whose RGB kernels are summed (timm), 3 replicates gray."""
 
     def problems(self) -> list[str]:
-        out = []
+        out = check_fields(self)
         if not self.backbone:
             out.append(f"{flag('backbone')}: give a timm model name, e.g. resnet18")
         if self.weights not in ("hub", "none") and not Path(self.weights).is_file():
@@ -58,47 +61,24 @@ class ModelConfig:
                 f"{flag('weights')}: file '{self.weights}' does not exist; give a local timm state dict "
                 "(e.g. ../shared/weights/tf_efficientnet_lite0.safetensors), 'hub' or 'none'"
             )
-        if self.embed_dim < 2:
-            out.append(f"{flag('embed_dim')}: must be >= 2 (got {self.embed_dim})")
-        if self.image_size is not None and self.image_size < 16:
-            out.append(f"{flag('image_size')}: must be >= 16 pixels (got {self.image_size})")
-        if self.in_chans not in (1, 3):
-            out.append(f"{flag('in_chans')}: must be 1 or 3 (got {self.in_chans})")
         return out
 
 
 @dataclass
 class ScoreConfig:
-    k: int = 5
-    """Number of nearest generated images whose similarities make a real image's membership score."""
-    reduction: Literal["mean", "max", "median"] = "mean"
-    """How the k nearest similarities are reduced to one score."""
+    k: Annotated[int, Range(1)] = 5
+    """Number of nearest generated images whose mean similarity makes a real image's membership score."""
     calibrate: bool = False
     """Subtract each image's similarity to its k nearest other real images (a k-NN density ratio). Off by default:
     on ctbench-s0 it hurt, because the real pool holds other training images that cluster together."""
-    threshold_method: Literal["max_f1", "fpr", "real_to_real"] = "max_f1"
-    """Decision threshold: 'max_f1' maximises F1 on labelled dev images, 'fpr' keeps the false-positive rate on
-    not-used images at --target-fpr, 'real_to_real' needs no labels (quantile of real-to-real scores)."""
-    target_fpr: float = 0.05
+    threshold_method: Literal["max_f1", "fpr"] = "max_f1"
+    """Decision threshold from the training labels: 'max_f1' maximises F1, 'fpr' keeps the false-positive rate on
+    not-used images at --target-fpr."""
+    target_fpr: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.05
     """Target false-positive rate for --threshold-method fpr."""
-    real_quantile: float = 0.5
-    """Quantile of the real-to-real reference scores used as threshold by --threshold-method real_to_real."""
 
     def problems(self) -> list[str]:
-        out = []
-        if self.k < 1:
-            out.append(f"{flag('k')}: must be >= 1 (got {self.k})")
-        if self.reduction not in ("mean", "max", "median"):
-            out.append(f"{flag('reduction')}: one of mean, max, median (got {self.reduction!r})")
-        if self.threshold_method not in ("max_f1", "fpr", "real_to_real"):
-            out.append(
-                f"{flag('threshold_method')}: one of max_f1, fpr, real_to_real (got {self.threshold_method!r})"
-            )
-        if not 0.0 < self.target_fpr < 1.0:
-            out.append(f"{flag('target_fpr')}: must be in (0, 1) (got {self.target_fpr})")
-        if not 0.0 < self.real_quantile < 1.0:
-            out.append(f"{flag('real_quantile')}: must be in (0, 1) (got {self.real_quantile})")
-        return out
+        return check_fields(self)
 
 
 @dataclass
@@ -108,25 +88,25 @@ class TrainConfig(ScoreConfig, ModelConfig):
     manifest CSV. Dev generated images are anchors, used images positives, not-used images negatives; test
     generated images (if any) are extra anchors."""
     out: str = "runs/train"
-    """Output folder for the checkpoint (model.pt + meta.json), metrics and pictures."""
-    epochs: int = 5
+    """Output folder for the detector, the training checkpoint, metrics and pictures."""
+    epochs: Annotated[int, Range(1)] = 5
     """Passes over --triplets-per-epoch triplets."""
-    triplets_per_epoch: int = 512
+    triplets_per_epoch: Annotated[int, Range(1)] = 512
     """Triplets drawn (seeded) per epoch; anchors are balanced between dev and test generated images."""
-    batch_size: int = 32
+    batch_size: Annotated[int, Range(1)] = 32
     """Triplets per optimisation step (per worker when distributed)."""
-    lr: float = 1e-4
+    lr: Annotated[float, Range(0, lo_open=True)] = 1e-4
     """AdamW learning rate for the backbone; the head uses 10x."""
-    weight_decay: float = 1e-4
+    weight_decay: Annotated[float, Range(0)] = 1e-4
     """AdamW weight decay."""
-    margin: float = 0.5
+    margin: Annotated[float, Range(0, lo_open=True)] = 0.5
     """Triplet margin alpha in Eq. (1): max(||a-p||^2 - ||a-n||^2 + alpha, 0) on L2-normalised embeddings."""
     mining: Literal["none", "batch_hard", "semi_hard"] = "none"
     """Triplet selection: 'none' uses the sampled triplets as they are (the seed's scheme); 'batch_hard' and
     'semi_hard' re-pair each anchor with positives and negatives mined within the batch."""
     augment: bool = True
     """Augment positives (flips, small rotations, crops, brightness), as in the seed notebook."""
-    val_fraction: float = 0.25
+    val_fraction: Annotated[float, Range(0, 0.9, hi_open=True)] = 0.25
     """Fraction of labelled dev images (whole groups) held out for validation each epoch; 0 disables."""
     seed: int = 0
     """Seed for splits, triplet sampling, augmentation and initialisation."""
@@ -134,34 +114,14 @@ class TrainConfig(ScoreConfig, ModelConfig):
     """Where to train: 'auto' picks CUDA when available."""
     amp: bool = True
     """Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU."""
-    loader_workers: int = 0
+    loader_workers: Annotated[int, Range(0)] = 0
     """DataLoader worker processes (0 loads in the training process, best on 2-core machines)."""
     skip_bad: bool = False
     """Skip unreadable image files (listed in the log) instead of stopping at the first one."""
 
     def problems(self) -> list[str]:
-        out = ModelConfig.problems(self) + ScoreConfig.problems(self)
-        if not self.data:
-            out.append(f"{flag('data')}: required, a benchmark folder such as ../shared/bench/ctbench-s1")
-        elif not Path(self.data).exists():
-            out.append(f"{flag('data')}: '{self.data}' does not exist")
-        for name in ("epochs", "triplets_per_epoch", "batch_size"):
-            if getattr(self, name) < 1:
-                out.append(f"{flag(name)}: must be >= 1 (got {getattr(self, name)})")
-        for name in ("lr", "margin"):
-            if not getattr(self, name) > 0:
-                out.append(f"{flag(name)}: must be > 0 (got {getattr(self, name)})")
-        if self.weight_decay < 0:
-            out.append(f"{flag('weight_decay')}: must be >= 0 (got {self.weight_decay})")
-        if self.mining not in ("none", "batch_hard", "semi_hard"):
-            out.append(f"{flag('mining')}: one of none, batch_hard, semi_hard (got {self.mining!r})")
-        if not 0.0 <= self.val_fraction < 0.9:
-            out.append(f"{flag('val_fraction')}: must be in [0, 0.9) (got {self.val_fraction})")
-        if self.device not in ("auto", "cpu", "cuda"):
-            out.append(f"{flag('device')}: one of auto, cpu, cuda (got {self.device!r})")
-        if self.loader_workers < 0:
-            out.append(f"{flag('loader_workers')}: must be >= 0")
-        return out
+        # check_fields (in ModelConfig.problems) covers every field, inherited ones included.
+        return ModelConfig.problems(self) + path_problems(self, "data", BENCHMARK_HINT)
 
 
 @dataclass(frozen=True)
@@ -219,6 +179,16 @@ def check_fields(config: Any) -> list[str]:
         if problem:
             out.append(f"{flag(f.name)}: {problem}")
     return out
+
+
+def path_problems(config: Any, name: str, what: str) -> list[str]:
+    """A required path field: missing, or naming nothing on disk, is a problem that says what to give."""
+    value = getattr(config, name)
+    if not value:
+        return [f"{flag(name)}: required, {what}"]
+    if not Path(value).exists():
+        return [f"{flag(name)}: '{value}' does not exist; give {what}"]
+    return []
 
 
 def validate(config: Any) -> Any:
@@ -299,6 +269,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is Literal:
             kwargs["choices"] = list(args)
+            kwargs["type"] = type(args[0])
         elif origin in (types.UnionType, typing.Union) and type(None) in args:
             inner = next(a for a in args if a is not type(None))
             kwargs["type"] = _parse_optional(inner)

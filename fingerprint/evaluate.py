@@ -9,11 +9,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 
 from fingerprint import plots
-from fingerprint.config import ConfigError, flag, validate
+from fingerprint.config import ConfigError, Range, check_fields, flag, validate
 from fingerprint.io import read_csv, write_text_atomic
 from fingerprint.metrics import bootstrap_ci, format_table
 
@@ -30,21 +31,19 @@ class EvaluateConfig:
     """Output folder for metrics.json, metrics.md and pictures."""
     threshold: float | None = None
     """Decide score >= threshold; None uses the scores file's decision column."""
-    n_boot: int = 1000
+    n_boot: Annotated[int, Range(10)] = 1000
     """Bootstrap resamples for the 95% intervals."""
     seed: int = 0
     """Bootstrap seed."""
 
     def problems(self) -> list[str]:
-        out = []
+        out = check_fields(self)
         for name in ("scores", "labels"):
             value = getattr(self, name)
             if not value:
                 out.append(f"{flag(name)}: required")
             elif not Path(value).is_file():
                 out.append(f"{flag(name)}: '{value}' is not a file")
-        if self.n_boot < 10:
-            out.append(f"{flag('n_boot')}: must be >= 10")
         return out
 
 

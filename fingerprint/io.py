@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+
+def jsonable(value: Any) -> Any:
+    """``json.dumps(default=...)`` hook: arrays and numpy numbers as lists and numbers, paths and the rest as text,
+    dataclasses as dicts."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:

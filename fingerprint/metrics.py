@@ -114,7 +114,7 @@ def _validate_fpr(fpr: float) -> float:
 def roc_curve(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Receiver operating characteristic of ``scores`` against binary ``labels``.
 
-    Same output as ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False)``: one point per
+    ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False)`` after checking the input: one point per
     distinct score (tied scores form a single point, so a tie can move TPR and FPR together), in order of
     decreasing threshold, preceded by the point (0, 0) at threshold ``+inf``. Collinear points are kept
     (no ``drop_intermediate``) because callers such as :func:`tpr_at_fpr` need every operating point.
@@ -125,47 +125,29 @@ def roc_curve(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndar
     Raises:
         ValueError: on malformed input or when ``labels`` contain only one class.
     """
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
     y = _as_labels(labels)
     s = _as_scores(scores, y.size)
-    n_pos, n_neg = _require_both_classes(y, "ROC curve")
-    # Stable sort keeps the result deterministic; ties are merged below anyway.
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted = s[order]
-    y_sorted = y[order]
-    # Last index of each run of equal scores: the operating point after admitting the whole tie.
-    last_of_run = np.r_[np.flatnonzero(np.diff(s_sorted)), s_sorted.size - 1]
-    tps = np.cumsum(y_sorted)[last_of_run]
-    fps = (last_of_run + 1) - tps
-    tpr = np.r_[0.0, tps / n_pos]
-    fpr = np.r_[0.0, fps / n_neg]
-    thresholds = np.r_[np.inf, s_sorted[last_of_run]]
-    return fpr, tpr, thresholds
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (like ``scipy.stats.rankdata``)."""
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    # Rank of a group of equal values = mean of the positions it occupies in sorted order.
-    ends = np.cumsum(counts)
-    avg = ends - (counts - 1) / 2.0
-    return avg[inverse]
+    _require_both_classes(y, "ROC curve")
+    return sk_roc_curve(y, s, drop_intermediate=False)
 
 
 def roc_auc(labels: ArrayLike, scores: ArrayLike) -> float:
-    """Area under the ROC curve via the Mann-Whitney U statistic.
+    """Area under the ROC curve (scikit-learn's ``roc_auc_score``) after checking the input.
 
     Equals the probability that a random member scores higher than a random non-member, with ties counted
-    as one half; identical to ``sklearn.metrics.roc_auc_score`` (up to float round-off).
+    as one half.
 
     Raises:
         ValueError: on malformed input or when ``labels`` contain only one class.
     """
+    from sklearn.metrics import roc_auc_score
+
     y = _as_labels(labels)
     s = _as_scores(scores, y.size)
-    n_pos, n_neg = _require_both_classes(y, "ROC AUC")
-    ranks = _average_ranks(s)
-    u = ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    _require_both_classes(y, "ROC AUC")
+    return float(roc_auc_score(y, s))
 
 
 def tpr_at_fpr(labels: ArrayLike, scores: ArrayLike, fpr: float) -> float:
@@ -289,6 +271,7 @@ def all_metrics(
 # ------------------------------------------------------------------------------------------- bootstrap
 
 
+# By hand because scikit-learn scores one resample per call; this does all resamples in a few array operations.
 def _score_metrics_batch(
     codes: np.ndarray, y: np.ndarray, idx: np.ndarray, n_codes: int
 ) -> dict[str, np.ndarray]:

@@ -1,28 +1,30 @@
-"""`fingerprint predict`: score every real image of a test set and write the ImageCLEF submission.
+"""`fingerprint predict`: score the real images of a test set with a saved detector of any kind.
 
-    fingerprint predict --model runs/s1/checkpoint --data ../shared/bench/ctbench-s1 --out runs/s1/test
+    fingerprint predict --model runs/s1 --data ../shared/bench/ctbench-s1 --out runs/s1/test
 
 Writes `submission.csv` (one `<id>,<0|1>` line per real image, no header, as ImageCLEF expects), `scores.csv`
-(`id,score,decision,nearest_ids,nearest_similarities`) and pictures of the evidence.
+(`id,score,decision,nearest_ids,nearest_similarities`), `scores.jsonl` (one object per image with the same and
+the threshold) and pictures of the evidence. The detector's gallery is the one it was fitted on; when `--data`
+holds other generated images, the detector is re-indexed on them (what it learnt from labels is kept).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from PIL import Image
 
 from fingerprint import data as fpdata
 from fingerprint import plots
-from fingerprint.checkpoint import Checkpoint, load_checkpoint
-from fingerprint.config import ConfigError, ScoreConfig, flag, from_dict, validate
-from fingerprint.embedding import embed_images, resolve_device
-from fingerprint.io import write_csv_atomic
-from fingerprint.scoring import Scores, membership_scores
-from fingerprint.transforms import Preprocess
+from fingerprint.config import ConfigError, Range, check_fields, flag, path_problems, validate
+from fingerprint.detectors import Detector, Scores, is_detector_dir, load_detector
+from fingerprint.imagesets import benchmark_items, real_groups
+from fingerprint.io import write_csv_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -30,43 +32,34 @@ log = logging.getLogger(__name__)
 @dataclass
 class PredictConfig:
     model: str = ""
-    """Checkpoint folder written by `fingerprint train` (its <out>/checkpoint, or <out> itself)."""
+    """A saved detector: the folder written by `fingerprint fit`, `fingerprint train` (its --out, or
+    <out>/detector), the benchmark's --out/detector, or a registry download."""
     data: str = ""
     """Test folder with generated/ and real_unknown/, or a benchmark folder with dev/ and test/ (then the test
-    set's real images are scored and all generated images, dev and test, form the gallery)."""
+    set's real images are scored; all generated images, dev and test, form the gallery)."""
     out: str = "runs/predict"
-    """Output folder for submission.csv, scores.csv and pictures."""
+    """Output folder for submission.csv, scores.csv, scores.jsonl and pictures."""
     threshold: float | None = None
-    """Decision threshold; None uses the one saved in the checkpoint."""
-    k: int | None = None
-    """Nearest generated images per score; None uses the checkpoint's."""
-    batch_size: int = 64
-    """Images per forward pass."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    """Decision threshold; None uses the detector's."""
     skip_bad: bool = False
     """Skip unreadable image files (listed in the log) instead of stopping."""
+    evidence: Annotated[int, Range(0)] = 8
+    """Highest-scoring images shown beside their nearest generated images in evidence.png (0 = no picture)."""
 
     def problems(self) -> list[str]:
-        out = []
-        if not self.model:
-            out.append(f"{flag('model')}: required, the checkpoint folder of `fingerprint train`")
-        elif not Path(self.model).exists():
-            out.append(f"{flag('model')}: '{self.model}' does not exist")
-        if not self.data:
-            out.append(f"{flag('data')}: required, a test folder or benchmark folder")
-        elif not Path(self.data).exists():
-            out.append(f"{flag('data')}: '{self.data}' does not exist")
-        if self.k is not None and self.k < 1:
-            out.append(f"{flag('k')}: must be >= 1")
-        if self.batch_size < 1:
-            out.append(f"{flag('batch_size')}: must be >= 1")
-        return out
+        return (check_fields(self) + path_problems(self, "model", "a saved detector folder (see --help)")
+                + path_problems(self, "data", "a test folder or benchmark folder"))
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_detector(path: str | Path) -> Path:
+    """The detector folder inside a run folder (``<out>/detector``), or the folder itself."""
     path = Path(path)
-    return path / "checkpoint" if (path / "checkpoint" / "meta.json").is_file() else path
+    for candidate in (path, path / "detector"):
+        if is_detector_dir(candidate):
+            return candidate
+    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "not a folder"
+    raise ConfigError([f"{flag('model')}: {path} holds no saved detector (meta.json + arrays.safetensors, "
+                       f"here or in detector/; found {found}); give the --out of `fingerprint fit` or `train`"])
 
 
 @dataclass
@@ -76,75 +69,96 @@ class Prediction:
     threshold: float
     gallery_ids: list[str]
     images: list[Image.Image]
-    gallery: list[Image.Image]
+    detector: Detector
 
     @property
     def decisions(self) -> np.ndarray:
-        return (self.scores.score >= self.threshold).astype(int)
+        return (self.scores.score >= self.threshold).astype(np.int64)
+
+    def nearest_ids(self, row: int) -> list[str]:
+        return [self.gallery_ids[j] for j in self.scores.nearest[row]]
 
 
-def score_set(ckpt: Checkpoint, real: list[fpdata.ImageItem], generated: list[fpdata.ImageItem],
-              reference: list[fpdata.ImageItem], score_config: ScoreConfig, threshold: float,
-              batch_size: int = 64, device: str = "auto", skip_bad: bool = False) -> Prediction:
-    """Embed and score `real` against `generated`, calibrated on the `reference` real pool."""
-    dev = resolve_device(device)
-    model = ckpt.model.to(dev)
-    tf = Preprocess(ckpt.meta["data_config"])
-    images, real, _ = fpdata.load_images(real, skip_bad=skip_bad)
-    gen_images, generated, _ = fpdata.load_images(generated, skip_bad=skip_bad)
-    ref_images, _, _ = fpdata.load_images(reference, skip_bad=True)
-    emb = embed_images(model, images, tf, batch_size, dev, progress="embed real")
-    gal = embed_images(model, gen_images, tf, batch_size, dev, progress="embed generated")
-    ref = embed_images(model, ref_images, tf, batch_size, dev, progress="embed reference") if ref_images else None
-    scores = membership_scores(emb, gal, score_config, ref)
-    return Prediction([it.id for it in real], scores, threshold, [it.id for it in generated], images, gen_images)
+def predict_folder(det: Detector, data: str | Path, threshold: float | None = None, skip_bad: bool = False
+                   ) -> Prediction:
+    """Score the real images of a test or benchmark folder, re-indexing ``det`` when its gallery differs."""
+    items = benchmark_items(data, skip_bad=skip_bad)
+    to_score = items.to_score()
+    if not to_score:
+        raise ConfigError([f"{flag('data')}: {data} holds no real images to score"])
+    images, kept, _ = fpdata.load_images(to_score, skip_bad=skip_bad)
+    ids = [it.id for it in kept]
+    gen_ids = [it.id for it in items.generated]
+    if gen_ids != det.gallery_ids:
+        log.info("re-indexing %s on the %d generated and %d real images of %s", det.name, len(gen_ids),
+                 len(items.real), data)
+        gen, gen_kept, _ = fpdata.load_images(items.generated, skip_bad=skip_bad)
+        ref, ref_kept, _ = fpdata.load_images(items.real, skip_bad=True)
+        det.index(gen, [it.id for it in gen_kept], ref, [it.id for it in ref_kept], real_groups(ref_kept, ref))
+    t = det.threshold if threshold is None else float(threshold)
+    log.info("scoring %d real images with %s (%s) against %d generated, threshold %.4f", len(ids), det.name,
+             det.kind, len(det.gallery_ids), t)
+    return Prediction(ids, det.score(images, ids), t, det.gallery_ids, images, det)
 
 
-def write_prediction(pred: Prediction, out: Path) -> list[Path]:
+def write_prediction(pred: Prediction, out: Path, data: str | Path, evidence: int = 8) -> list[Path]:
     s = pred.scores
-    written = [write_csv_atomic(out / "submission.csv", zip(pred.ids, pred.decisions, strict=True))]
+    dec = pred.decisions
+    written = [write_csv_atomic(out / "submission.csv", zip(pred.ids, dec.tolist(), strict=True))]
     written.append(write_csv_atomic(
         out / "scores.csv",
-        [
-            (i, f"{s.score[n]:.6f}", int(pred.decisions[n]),
-             ";".join(pred.gallery_ids[j] for j in s.nearest[n]),
-             ";".join(f"{v:.4f}" for v in s.nearest_similarity[n]))
-            for n, i in enumerate(pred.ids)
-        ],
+        [(i, f"{s.score[n]:.6f}", int(dec[n]), ";".join(pred.nearest_ids(n)),
+          ";".join(f"{v:.4f}" for v in s.nearest_similarity[n])) for n, i in enumerate(pred.ids)],
         header=("id", "score", "decision", "nearest_ids", "nearest_similarities"),
     ))
+    written.append(write_text_atomic(out / "scores.jsonl", "".join(
+        json.dumps({"id": i, "score": float(s.score[n]), "decision": int(dec[n]), "threshold": pred.threshold,
+                    "kind": pred.detector.kind, "signal": pred.detector.meta.signal,
+                    "nearest_ids": pred.nearest_ids(n),
+                    "nearest_similarities": [float(v) for v in s.nearest_similarity[n]]}) + "\n"
+        for n, i in enumerate(pred.ids))))
     written.append(plots.score_histogram(s.score, [None] * len(pred.ids), out / "scores.png",
-                                         threshold=pred.threshold, title="test scores"))
-    rows = plots.evidence_rows(pred.ids, pred.images, pred.gallery_ids, pred.gallery, s.score, s.nearest,
-                               s.nearest_similarity)
-    written.append(plots.evidence_grid(rows, out / "evidence.png", title="highest-scoring real images"))
+                                         threshold=pred.threshold, title=f"{pred.detector.name}: test scores"))
+    if evidence:
+        # Only the neighbours shown are read back from disk: the gallery may be far larger than the picture.
+        top = np.argsort(-s.score, kind="stable")[:evidence]
+        rows_needed = sorted({int(j) for n in top for j in s.nearest[n][:4]})
+        items = {it.id: it for it in benchmark_items(data, skip_bad=True).generated}
+        found = [j for j in rows_needed if pred.gallery_ids[j] in items]
+        images = fpdata.load_images([items[pred.gallery_ids[j]] for j in found], skip_bad=True)[0]
+        gallery = dict(zip(found, images, strict=False))
+        rows = plots.evidence_rows(pred.ids, pred.images, pred.gallery_ids, _Blank(gallery), s.score, s.nearest,
+                                   s.nearest_similarity, rows=evidence)
+        written.append(plots.evidence_grid(rows, out / "evidence.png", title="highest-scoring real images"))
     return written
+
+
+class _Blank(dict):
+    """Gallery images by row; a row whose file is gone shows as a blank cell instead of failing the picture."""
+
+    def __missing__(self, key: int) -> np.ndarray:
+        return np.zeros((8, 8), dtype=np.uint8)
 
 
 def main(config: PredictConfig) -> Path:
     """Score the real images of `config.data`; return the submission file's path."""
     validate(config)
-    ckpt = load_checkpoint(resolve_checkpoint(config.model))
-    score_config = from_dict(ScoreConfig, ckpt.meta["score"])
-    if config.k is not None:
-        score_config.k = config.k
-    dev, test = fpdata.open_benchmark(config.data, skip_bad=config.skip_bad)
-    target = test if test is not None else dev
-    real = target.role("real_unknown") or target.real
-    if not real:
-        raise ConfigError([f"{flag('data')}: {target.root} holds no real images to score ({target.summary()})"])
-    # Dev and test generated files share names (gen_00001.png in both): qualify the dev ones in the evidence.
-    generated = target.generated + (
-        [replace(it, id=f"dev/{it.id}") for it in dev.generated] if test is not None else []
-    )
-    reference = real + (dev.real if test is not None else [])
-    threshold = ckpt.threshold if config.threshold is None else config.threshold
-    log.info("scoring %d real images against %d generated (k=%d, threshold=%.4f)",
-             len(real), len(generated), score_config.k, threshold)
-    pred = score_set(ckpt, real, generated, reference, score_config, threshold, config.batch_size,
-                     config.device, config.skip_bad)
     out = Path(config.out)
-    write_prediction(pred, out)
+    _check_writable(out)
+    det = load_detector(resolve_detector(config.model))
+    pred = predict_folder(det, config.data, config.threshold, config.skip_bad)
+    write_prediction(pred, out, config.data, config.evidence)
     log.info("wrote %s (%d lines, %d predicted used)", out / "submission.csv", len(pred.ids),
              int(pred.decisions.sum()))
     return out / "submission.csv"
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any work when the output folder cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".fingerprint-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError([f"{flag('out')}: cannot write to {out} ({e.strerror or e}); choose another folder"]) from e

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from fingerprint.config import flag, validate
+from fingerprint.config import Range, check_fields, flag, validate
 from fingerprint.phantoms import make_sample_dataset
 
 log = logging.getLogger(__name__)
@@ -21,15 +22,15 @@ log = logging.getLogger(__name__)
 class SampleDataConfig:
     out: str = "data/sample"
     """Folder to write (dev/, test/, test_labels.csv, groups.csv, README.md)."""
-    patients: int = 30
+    patients: Annotated[int, Range(5)] = 30
     """Patients whose slices trained the generator; as many again are held out as not-used images."""
-    slices_per_patient: int = 4
+    slices_per_patient: Annotated[int, Range(1)] = 4
     """Neighbouring slices per patient (near-duplicates, as in real CT series)."""
-    size: int = 64
+    size: Annotated[int, Range(16)] = 64
     """Image size in pixels."""
-    generated: int = 200
+    generated: Annotated[int, Range(1)] = 200
     """Generated images in dev and, again, in test."""
-    memorisation: float = 0.9
+    memorisation: Annotated[float, Range(0, 1)] = 0.9
     """How closely generated images copy training images (0 = not at all, 1 = near copies)."""
     seed: int = 0
     """Seed for phantoms, the generator and the split."""
@@ -37,17 +38,7 @@ class SampleDataConfig:
     """Replace an existing folder."""
 
     def problems(self) -> list[str]:
-        out = []
-        if self.patients < 5:
-            out.append(f"{flag('patients')}: at least 5 so that both classes have several groups")
-        if self.slices_per_patient < 1:
-            out.append(f"{flag('slices_per_patient')}: must be >= 1")
-        if self.size < 16:
-            out.append(f"{flag('size')}: must be >= 16")
-        if self.generated < 1:
-            out.append(f"{flag('generated')}: must be >= 1")
-        if not 0.0 <= self.memorisation <= 1.0:
-            out.append(f"{flag('memorisation')}: must be in [0, 1]")
+        out = check_fields(self)
         if Path(self.out).exists() and not self.overwrite:
             out.append(f"{flag('out')}: '{self.out}' exists; pass --overwrite to replace it")
         return out

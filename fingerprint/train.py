@@ -1,10 +1,12 @@
-"""`fingerprint train`: triplet fine-tuning on one machine, writing a checkpoint that `predict` and serving use.
+"""`fingerprint train`: triplet fine-tuning on one machine, writing a triplet detector that `predict` and serving use.
 
     fingerprint train --data ../shared/bench/ctbench-s1 \
         --backbone tf_efficientnet_lite0 --weights ../shared/weights/tf_efficientnet_lite0.safetensors \
         --image-size 64 --epochs 3 --out runs/s1
 
-The Ray Train job (`fingerprint train-ray`, in jobs/) runs the same `fit` on several workers.
+Writes ``<out>/detector`` (the triplet kind of the detector protocol: network, gallery, threshold, validation
+metrics), ``<out>/checkpoint`` (weights and optimizer state of the last epoch) and reports. The Ray Train job
+(`fingerprint train-ray`, in jobs/) runs the same `fit` on several workers.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from fingerprint import plots
 from fingerprint.config import TrainConfig, save_json, validate
 from fingerprint.io import write_csv_atomic, write_text_atomic
-from fingerprint.training import EpochEnd, FitResult, TrainingData, fit, load_training_data
+from fingerprint.training import EpochEnd, FitResult, TrainingData, final_detector, fit, load_training_data
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ def write_reports(out: Path, result: FitResult, data: TrainingData) -> list[Path
 
 
 def main(config: TrainConfig) -> Path:
-    """Train, save the checkpoint to `<out>/checkpoint`, write reports; return the checkpoint folder."""
+    """Train, save the detector to `<out>/detector` and the checkpoint to `<out>/checkpoint`, write reports;
+    return the detector folder."""
     validate(config)
     out = Path(config.out)
     data = load_training_data(config)
@@ -56,6 +59,7 @@ def main(config: TrainConfig) -> Path:
     last: list[EpochEnd] = []
     result = fit(config, data, on_epoch=last.append)
     ckpt = last[-1].save(out / "checkpoint")
+    detector = final_detector(result, data, config).save(out / "detector")
     write_reports(out, result, data)
-    log.info("checkpoint: %s", ckpt)
-    return ckpt
+    log.info("detector: %s (checkpoint %s)", detector, ckpt)
+    return detector

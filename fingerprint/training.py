@@ -22,17 +22,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fingerprint import data as fpdata
 from fingerprint.backbones import EmbeddingNet, create_embedder, data_config
 from fingerprint.checkpoint import save_checkpoint, unwrap
 from fingerprint.config import ModelConfig, ScoreConfig, TrainConfig, subset, to_dict
-from fingerprint.detectors.base import FitData
-from fingerprint.embedding import autocast, embed_images, resolve_device
+from fingerprint.detectors.base import FitData, Scores, create_detector, finish_fit
+from fingerprint.detectors.networks import TripletNN
+from fingerprint.embedding import autocast, resolve_device
 from fingerprint.losses import TripletLoss
-from fingerprint.metrics import all_metrics
 from fingerprint.miners import create_miner
-from fingerprint.scoring import Scores, membership_scores
-from fingerprint.thresholds import threshold_at_fpr, threshold_max_f1, threshold_real_to_real
 from fingerprint.transforms import Preprocess
 from fingerprint.triplets import TripletDataset, balanced_weights
 
@@ -56,50 +53,22 @@ class TrainingData:
     gallery_ids: list[str]
     reference: list[Image.Image]
     """Every real image available (labelled or not), the pool for calibrating scores."""
+    reference_ids: list[str] = field(default_factory=list)
     split: dict[str, list[str]] = field(default_factory=dict)
     """Ids of the train and validation real images: logged so runs are compared on the same split."""
+    source: FitData | None = None
+    """The detector-protocol view of the same images (groups included), when built from one."""
 
 
 def load_training_data(config: TrainConfig) -> TrainingData:
-    """Read the benchmark, and hold out whole groups of labelled dev images for validation."""
-    dev, test = fpdata.open_benchmark(config.data, skip_bad=config.skip_bad)
-    for s in (dev, test):
-        if s is not None and s.skipped:
-            log.warning("skipped %d unreadable file(s) in %s: %s", len(s.skipped), s.root,
-                        "; ".join(f"{p} ({why})" for p, why in s.skipped[:10]))
-    for role in ("generated", "used", "not_used"):
-        if not dev.role(role):
-            raise fpdata.DataError(
-                f"{dev.root}: no '{role}' images; triplet training needs dev generated/, used/ and not_used/ "
-                "(or a manifest CSV with those roles)"
-            )
-    labelled = dev.role("used") + dev.role("not_used")
-    images, labelled, _ = fpdata.load_images(labelled, skip_bad=config.skip_bad)
-    labels = np.array([it.label for it in labelled])
-    groups = _groups(labelled, images)
-    if config.val_fraction > 0:
-        train_idx, val_idx = fpdata.group_split(labels, groups, config.val_fraction, config.seed)
-    else:
-        train_idx, val_idx = np.arange(len(labelled)), np.arange(0)
-    gen_items = dev.role("generated") + (test.role("generated") if test is not None else [])
-    gallery, gen_items, _ = fpdata.load_images(gen_items, skip_bad=config.skip_bad)
-    sources = np.array([0 if it.path.is_relative_to(dev.root) else 1 for it in gen_items])
-    unknown = test.role("real_unknown") if test is not None else []
-    unknown_images, _, _ = fpdata.load_images(unknown, skip_bad=True)
-    return TrainingData(
-        anchors=gallery,
-        anchor_sources=sources,
-        positives=[images[i] for i in train_idx if labels[i] == 1],
-        negatives=[images[i] for i in train_idx if labels[i] == 0],
-        val_images=[images[i] for i in val_idx],
-        val_labels=labels[val_idx],
-        val_ids=[labelled[i].id for i in val_idx],
-        gallery=gallery,
-        gallery_ids=[("dev/" if src == 0 and test is not None else "") + it.id
-                     for it, src in zip(gen_items, sources, strict=True)],
-        reference=images + unknown_images,
-        split={"train": [labelled[i].id for i in train_idx], "val": [labelled[i].id for i in val_idx]},
-    )
+    """Read the benchmark and hold out whole groups of labelled dev images for validation.
+
+    The split is :func:`fingerprint.imagesets.load_fit_data`'s, so a triplet model is validated on the same images
+    as every other detector kind fitted with the same ``--val-fraction`` and ``--seed``.
+    """
+    from fingerprint.imagesets import load_fit_data
+
+    return training_data(load_fit_data(config.data, config.val_fraction, config.seed, config.skip_bad))
 
 
 def training_data(data: FitData) -> TrainingData:
@@ -108,16 +77,11 @@ def training_data(data: FitData) -> TrainingData:
     return TrainingData(
         anchors=data.generated, anchor_sources=data.generated_source,
         positives=[data.real[i] for i in data.train[y == 1]], negatives=[data.real[i] for i in data.train[y == 0]],
-        val_images=[], val_labels=np.zeros(0, dtype=np.int64), val_ids=[],
-        gallery=data.generated, gallery_ids=data.generated_ids, reference=data.real, split=data.split,
+        val_images=[data.real[i] for i in data.val], val_labels=data.labels[data.val],
+        val_ids=[data.real_ids[i] for i in data.val],
+        gallery=data.generated, gallery_ids=data.generated_ids, reference=data.real, reference_ids=data.real_ids,
+        split=data.split, source=data,
     )
-
-
-def _groups(items: list[fpdata.ImageItem], images: list[Image.Image]) -> np.ndarray:
-    if all(it.group is not None for it in items):
-        return np.unique([it.group for it in items], return_inverse=True)[1]
-    # No patient ids: neighbouring slices of one scan are near-duplicates, so group them before splitting.
-    return fpdata.infer_groups(np.stack([np.asarray(im.resize((32, 32)), dtype=np.float32) / 255 for im in images]))
 
 
 def build_model(config: ModelConfig) -> tuple[EmbeddingNet, dict[str, Any]]:
@@ -177,47 +141,42 @@ class Validation:
     threshold: float
     scores: Scores
     labels: np.ndarray
+    detector: TripletNN
+    """The triplet detector as of this epoch (network, gallery, threshold): what a checkpoint of it would score."""
 
 
-def choose_threshold(config: ScoreConfig, labels: np.ndarray | None, scores: Scores) -> float:
-    """The decision threshold that `config.threshold_method` asks for."""
-    if config.threshold_method == "real_to_real" or labels is None or len(np.unique(labels)) < 2:
-        # Calibrated scores already measure generated-versus-real similarity, so their real-to-real reference
-        # is zero by construction; raw scores use the real images' own neighbour similarities.
-        ref = np.zeros(1) if scores.real_similarity is not None else scores.generated_similarity
-        return threshold_real_to_real(ref, config.real_quantile)
-    if config.threshold_method == "fpr":
-        return threshold_at_fpr(labels, scores.score, config.target_fpr)
-    return threshold_max_f1(labels, scores.score)
+def as_detector(model: nn.Module, data_cfg: dict[str, Any], config: TrainConfig) -> TripletNN:
+    """The triplet detector kind around a network trained with ``config`` (not yet indexed)."""
+    det = create_detector("triplet", TripletNN.settings_from(config))
+    det.use_network(unwrap(model), data_cfg)
+    return det
 
 
-def score_images(
-    model: nn.Module,
-    images: list[Image.Image],
-    gallery: np.ndarray,
-    reference: np.ndarray | None,
-    config: ScoreConfig,
-    transform: Preprocess,
-    device: torch.device,
-    amp: bool = True,
-) -> Scores:
-    real = embed_images(model, images, transform, device=device, amp=amp)
-    return membership_scores(real, gallery, config, reference)
+def validate(model: nn.Module, data: TrainingData, config: TrainConfig, data_cfg: dict[str, Any]) -> Validation | None:
+    """Validate as every detector kind is: threshold from the training labels, metrics on the held-out images.
 
-
-def validate(
-    model: nn.Module, data: TrainingData, config: TrainConfig, transform: Preprocess, device: torch.device
-) -> Validation | None:
-    """Score the held-out dev images against all generated images; None when nothing is held out."""
-    if len(data.val_images) == 0 or len(np.unique(data.val_labels)) < 2:
+    None when nothing is held out.
+    """
+    if len(data.val_images) == 0 or len(np.unique(data.val_labels)) < 2 or data.source is None:
         return None
-    model = unwrap(model)
-    gallery = embed_images(model, data.gallery, transform, device=device, amp=config.amp, progress="embed gallery")
-    reference = embed_images(model, data.reference, transform, device=device, amp=config.amp)
-    scores = score_images(model, data.val_images, gallery, reference, config, transform, device, config.amp)
-    threshold = choose_threshold(config, data.val_labels, scores)
-    m = all_metrics(data.val_labels, scores.score, threshold=threshold)
-    return Validation({f"val_{k}": float(v) for k, v in m.items()}, threshold, scores, data.val_labels)
+    det = as_detector(model, data_cfg, config)
+    src = data.source
+    det.index(src.generated, src.generated_ids, src.real, src.real_ids, src.groups)
+    finish_fit(det, src, threshold_method=config.threshold_method, target_fpr=config.target_fpr)
+    scores = det.score(data.val_images, data.val_ids)
+    return Validation(dict(det.meta.metrics), det.threshold, scores, data.val_labels, det)
+
+
+def final_detector(result: FitResult, data: TrainingData, config: TrainConfig) -> TripletNN:
+    """The trained network as a saved-ready triplet detector: the last validation's, or indexed afresh."""
+    if result.validation is not None:
+        return result.validation.detector
+    if data.source is None:
+        raise ValueError("final_detector needs TrainingData built from FitData (training_data)")
+    det = as_detector(result.model, result.data_config, config)
+    src = data.source
+    det.index(src.generated, src.generated_ids, src.real, src.real_ids, src.groups)
+    return finish_fit(det, src, threshold_method=config.threshold_method, target_fpr=config.target_fpr)
 
 
 @dataclass
@@ -320,7 +279,7 @@ def fit(
         scheduler.step()
         metrics.update(epoch=float(epoch), epoch_seconds=time.perf_counter() - t0, lr=lr)
         if is_main:
-            validation = validate(model, data, config, eval_tf, device)
+            validation = validate(model, data, config, data_cfg)
             if validation is not None:
                 metrics.update(validation.metrics)
                 threshold = validation.threshold

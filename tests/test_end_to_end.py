@@ -15,6 +15,7 @@ from fingerprint import predict as predict_cmd
 from fingerprint import train as train_cmd
 from fingerprint.checkpoint import load_checkpoint, load_training_state
 from fingerprint.config import ConfigError, TrainConfig, field_docs
+from fingerprint.detectors import load_detector
 from fingerprint.training import fit, load_training_data
 
 
@@ -25,25 +26,28 @@ def trained(sample_bench, tiny_train_kwargs, tmp_path_factory):
     return out, ckpt
 
 
-def test_train_writes_checkpoint_config_and_pictures(trained):
-    out, ckpt = trained
-    meta = json.loads((ckpt / "meta.json").read_text())
-    assert meta["epoch"] == 1 and meta["config"]["backbone"] == "resnet18"
-    assert set(meta["score"]) >= {"k", "reduction", "calibrate", "threshold"}
-    assert meta["data_config"]["input_size"] == [1, 32, 32]
+def test_train_writes_detector_checkpoint_config_and_pictures(trained):
+    out, detector = trained
+    assert detector == out / "detector"
+    meta = json.loads((detector / "meta.json").read_text())
+    assert meta["kind"] == "triplet" and meta["settings"]["backbone"] == "resnet18"
+    assert meta["extra"]["data_config"]["input_size"] == [1, 32, 32]
     assert set(meta["split"]) == {"train", "val"} and not set(meta["split"]["train"]) & set(meta["split"]["val"])
+    assert 0.0 <= meta["metrics"]["val_auc"] <= 1.0
+    ckpt = json.loads((out / "checkpoint" / "meta.json").read_text())
+    assert ckpt["epoch"] == 1 and ckpt["config"]["backbone"] == "resnet18"
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 2 and all(0.0 <= h["active_fraction"] <= 1.0 for h in history)
     assert all(np.isfinite(h["loss"]) for h in history)
     for name in ("training_curves.png", "val_roc.png", "val_scores.png", "val_evidence.png", "config.json"):
         assert (out / name).stat().st_size > 0
-    loaded = load_checkpoint(ckpt)
-    assert loaded.threshold == meta["score"]["threshold"]
+    assert load_checkpoint(out / "checkpoint").threshold == meta["threshold"]
+    assert load_detector(detector).threshold == meta["threshold"]
 
 
 def test_predict_writes_submission_and_scores(trained, sample_bench, tmp_path):
-    _, ckpt = trained
-    sub = predict_cmd.main(predict_cmd.PredictConfig(model=str(ckpt), data=str(sample_bench), out=str(tmp_path)))
+    out, _ = trained
+    sub = predict_cmd.main(predict_cmd.PredictConfig(model=str(out), data=str(sample_bench), out=str(tmp_path)))
     lines = sub.read_text().splitlines()
     ids = sorted(p.stem for p in (sample_bench / "test" / "real_unknown").glob("*.png"))
     assert sorted(line.split(",")[0] for line in lines) == ids
@@ -53,6 +57,9 @@ def test_predict_writes_submission_and_scores(trained, sample_bench, tmp_path):
     assert len(rows[0]["nearest_ids"].split(";")) == 3
     sims = [float(v) for v in rows[0]["nearest_similarities"].split(";")]
     assert sims == sorted(sims, reverse=True)
+    jsonl = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in jsonl] == [r["id"] for r in rows] and jsonl[0]["kind"] == "triplet"
+    assert jsonl[0]["nearest_ids"] == rows[0]["nearest_ids"].split(";")
 
     res = evaluate_cmd.main(evaluate_cmd.EvaluateConfig(
         scores=str(tmp_path / "scores.csv"), labels=str(sample_bench / "test_labels.csv"),

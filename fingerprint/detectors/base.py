@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from fingerprint.config import ConfigError, check_fields, field_docs, from_dict, to_dict
-from fingerprint.io import atomic_dir
+from fingerprint.io import atomic_dir, jsonable
 
 __all__ = [
     "SCHEMA_VERSION", "Detector", "DetectorMeta", "FitData", "Scores", "register", "kinds", "kind",
@@ -295,20 +295,12 @@ class Detector:
         self.meta.created_at = self.meta.created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         arrays = {k: np.ascontiguousarray(v) for k, v in self.arrays().items()}
         with atomic_dir(path) as tmp:
-            (tmp / META_FILE).write_text(json.dumps(to_dict(self.meta), indent=2, sort_keys=True, default=_json))
+            (tmp / META_FILE).write_text(json.dumps(to_dict(self.meta), indent=2, sort_keys=True, default=jsonable))
             save_file(arrays, str(tmp / ARRAYS_FILE), metadata={"kind": self.kind})
             (tmp / IDS_FILE).write_text(json.dumps({
                 "gallery": self.gallery_ids, "reference": self.reference_ids,
                 "reference_groups": self.reference_groups.tolist()}))
         return path
-
-
-def _json(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def is_detector_dir(path: str | Path) -> bool:

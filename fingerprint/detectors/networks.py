@@ -44,8 +44,10 @@ class NetworkSettings:
     weights: str = "none"
     """Pretrained weights when fitting: a local timm state-dict file, 'hub', or 'none' (random). A saved
     detector carries its weights and does not need this file again."""
-    image_size: Annotated[int, Range(16)] = 128
-    """Input side in pixels."""
+    image_size: Annotated[int | None, Range(16)] = 128
+    """Input side in pixels; None keeps the model's own."""
+    in_chans: Literal[1, 3] = 1
+    """1 feeds gray images to a first conv whose RGB kernels are summed (timm), 3 replicates gray."""
     k: Annotated[int, Range(1)] = 1
     """Nearest generated images averaged into the score."""
     batch_size: Annotated[int, Range(1)] = 64
@@ -67,7 +69,7 @@ class NetworkNN(FeatureNN):
     def model_config(self, weights: str) -> ModelConfig:
         s = self.settings
         return ModelConfig(backbone=s.backbone, weights=weights, embed_dim=getattr(s, "embed_dim", self.embed_dim),
-                           image_size=s.image_size, in_chans=1)
+                           image_size=s.image_size, in_chans=s.in_chans)
 
     def build(self, weights: str) -> None:
         """Create the network (with pretrained ``weights``) and record its preprocessing."""
@@ -98,7 +100,10 @@ class NetworkNN(FeatureNN):
         return {**super().arrays(), **state}
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        self.build("none")
+        saved = self.meta.extra.get("data_config")
+        self.build("none")  # every weight is replaced below
+        if saved is not None:
+            self.meta.extra["data_config"] = saved
         state = {k[4:]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith("net.")}
         self.net.load_state_dict(state)
         self.net.eval()
@@ -123,8 +128,8 @@ class FrozenNN(NetworkNN):
 
 @dataclass
 class TripletSettings(NetworkSettings):
-    image_size: Annotated[int, Range(16)] = 64
-    """Input side in pixels (small keeps CPU training fast)."""
+    image_size: Annotated[int | None, Range(16)] = 64
+    """Input side in pixels (small keeps CPU training fast); None keeps the model's own."""
     k: Annotated[int, Range(1)] = 5
     """Nearest generated images averaged into the score."""
     embed_dim: Annotated[int, Range(2)] = 128
@@ -164,10 +169,21 @@ class TripletNN(NetworkNN):
         self.reference: Gallery | None = None
         self._reference_features: np.ndarray | None = None
 
+    @staticmethod
+    def settings_from(config: TrainConfig) -> TripletSettings:
+        """The detector settings of a training run's config (the inverse of :meth:`train_config`)."""
+        return TripletSettings(
+            backbone=config.backbone, weights=config.weights, image_size=config.image_size, k=config.k,
+            in_chans=config.in_chans,
+            device=config.device, embed_dim=config.embed_dim, epochs=config.epochs,
+            triplets_per_epoch=config.triplets_per_epoch, train_batch_size=config.batch_size, lr=config.lr,
+            margin=config.margin, mining=config.mining, calibrate=config.calibrate, augment=config.augment,
+            seed=config.seed)
+
     def train_config(self) -> TrainConfig:
         s = self.settings
         return TrainConfig(backbone=s.backbone, weights=s.weights, embed_dim=s.embed_dim, image_size=s.image_size,
-                           in_chans=1, k=s.k, calibrate=s.calibrate, epochs=s.epochs,
+                           in_chans=s.in_chans, k=s.k, calibrate=s.calibrate, epochs=s.epochs,
                            triplets_per_epoch=s.triplets_per_epoch, batch_size=s.train_batch_size, lr=s.lr,
                            margin=s.margin, mining=s.mining, augment=s.augment, val_fraction=0.0, seed=s.seed,
                            device=s.device)

@@ -17,7 +17,7 @@ from PIL import Image
 from fingerprint.config import Range
 from fingerprint.detectors.base import Detector, Scores, register
 from fingerprint.features.handcrafted import images_to_array, ssim_matrix
-from fingerprint.thresholds import threshold_real_to_real
+from fingerprint.thresholds import best_f1_threshold, threshold_real_to_real
 
 __all__ = ["SSIMNN"]
 
@@ -73,13 +73,7 @@ class SSIMNN(Detector):
             return super().choose_threshold(labels, scores, method, target_fpr)
         qs = np.linspace(0.02, 0.98, self.settings.quantiles)
         cands = np.array([threshold_real_to_real(self.real_to_real, q) for q in qs])
-        y, s = np.asarray(labels), scores.score
-        dec = s[None, :] >= cands[:, None]
-        tp = (dec & (y == 1)).sum(1)
-        fp = (dec & (y == 0)).sum(1)
-        fn = (~dec & (y == 1)).sum(1)
-        f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
-        return float(cands[int(np.argmax(f1))])
+        return best_f1_threshold(labels, scores.score, cands)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"gallery": self.gallery, "real_to_real": self.real_to_real}
