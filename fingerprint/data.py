@@ -499,27 +499,6 @@ def open_benchmark(root: str | Path, skip_bad: bool = False) -> tuple[ImageSet, 
 # Grouping and splits
 
 
-def _components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Connected-component label (smallest member index) per node, for edges (i, j); vectorised union-find."""
-    parent = np.arange(n)
-    if len(i) == 0:
-        return parent
-    while True:
-        # Hook each edge's larger root onto the smaller one, then compress paths by pointer jumping.
-        ri, rj = parent[i], parent[j]
-        lo = np.minimum(ri, rj)
-        before = parent.copy()
-        np.minimum.at(parent, ri, lo)
-        np.minimum.at(parent, rj, lo)
-        while True:
-            nxt = parent[parent]
-            if np.array_equal(nxt, parent):
-                break
-            parent = nxt
-        if np.array_equal(parent, before):
-            return parent
-
-
 def infer_groups(
     images: np.ndarray, threshold: float = 0.98, thumb: int = 16, linkage: Literal["single", "average"] = "single"
 ) -> np.ndarray:
@@ -638,9 +617,13 @@ def _single_linkage_groups(z: np.ndarray, flat: np.ndarray, mean: np.ndarray, sc
         # Constant images (e.g. blank slices) are duplicates of each other when their level matches.
         src.append(head[head != flat_idx])
         dst.append(flat_idx[head != flat_idx])
-    roots = _components(n, np.concatenate(src), np.concatenate(dst))
-    _, ids = np.unique(roots, return_inverse=True)  # roots are smallest members: ids follow first appearance
-    return ids
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    i, j = np.concatenate(src), np.concatenate(dst)
+    _, labels = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)), directed=False)
+    _, first = np.unique(labels, return_index=True)
+    return np.argsort(np.argsort(first))[labels]  # ids numbered in order of first appearance
 
 
 def _group_table(labels: Sequence, groups: Sequence | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -666,6 +649,7 @@ def _group_table(labels: Sequence, groups: Sequence | None) -> tuple[np.ndarray,
     return g_idx, c_idx, table
 
 
+# By hand because scikit-learn's group splitters give k equal folds, not one split at an arbitrary fraction.
 def _assign_groups(table: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Greedy stratified assignment of groups to bins with target fractions; returns the bin per group.
 
@@ -713,14 +697,15 @@ def group_kfold(
     about 1/n_splits of every class; the same seed gives the same folds. ``groups=None`` treats every sample
     as its own group. Raises DataError if a class has fewer groups than ``n_splits``.
     """
+    from sklearn.model_selection import StratifiedGroupKFold
+
     if not isinstance(n_splits, int) or n_splits < 2:
         raise ValueError(f"n_splits must be an int >= 2, got {n_splits!r}")
-    g_idx, _, table = _group_table(labels, groups)
+    g_idx, c_idx, table = _group_table(labels, groups)
     _check_class_groups(table, labels, n_splits, "folds (n_splits)")
-    bins = _assign_groups(table, np.full(n_splits, 1.0 / n_splits), np.random.default_rng(seed))
-    fold_of = bins[g_idx]
-    all_idx = np.arange(len(g_idx))
-    return [(all_idx[fold_of != k], all_idx[fold_of == k]) for k in range(n_splits)]
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return [(np.sort(tr).astype(np.int64), np.sort(te).astype(np.int64))
+            for tr, te in folds.split(np.zeros(len(c_idx)), c_idx, g_idx)]
 
 
 def repeated_group_kfold(
