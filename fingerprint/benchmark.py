@@ -3,16 +3,26 @@
     fingerprint benchmark --data ../shared/bench/ctbench-s1 --weights-dir ../shared/weights \\
         --out benchmarks/results/ctbench-s1
 
+Every detector in the table is a kind of :mod:`fingerprint.detectors` (a preset, or ``frozen``/``triplet`` once per
+backbone), fitted with ``fit`` (which reads only the training labels, then indexes the images) and scored with
+``score``. The benchmark is loaded once (:func:`fingerprint.imagesets.load_fit_data`): every real image, labelled
+dev and unlabelled test, is in the reference pool.
+
 Dev evaluation is repeated, stratified, group-aware k-fold cross-validation over the labelled dev images
-(``--folds`` x ``--repeats``): every decision threshold, and every trained detector, is fitted on the training
-folds and applied to the held-out fold, so nothing is tuned on the images it is scored on. Unsupervised detectors
-compute their scores once without reading any label. Each metric gets a stratified bootstrap 95% interval.
+(``--folds`` x ``--repeats``): every decision threshold, and every detector that learns from labels, is fitted on
+the training folds and applied to the held-out fold, so nothing is tuned on the images it is scored on.
+Label-free detectors are fitted once on all images without reading any label and score every real image once;
+detectors that learn (triplet, the selected ensemble ``best``) are refitted per split, the costly ones (triplet)
+on the first ``--trained-repeats`` repeats only. Ensembles reuse the member detectors fitted for the table
+(``RankEnsemble.prefitted``), and the members' scores, so nothing is computed twice. Each metric gets a
+stratified bootstrap 95% interval.
 
 Writes to ``--out``: ``results.md`` (table), ``results.json`` (everything, per repeat), ``roc.png`` and
 ``roc_log.png`` (out-of-fold dev ROC curves), ``dev_scores.csv`` (out-of-fold dev scores of every detector),
-and for the ``--submit`` detector ``submission.csv`` (``<id>,<0|1>`` per test image, no header: the ImageCLEF
-format; threshold from dev only) and ``scores.csv`` (``id,score``, higher = more likely used), plus
-``COMMAND.md`` with the exact command and its runtime.
+and for the ``--submit`` detector, fitted on all labelled dev images with its threshold from all dev labels,
+``submission.csv`` (``<id>,<0|1>`` per test image, no header: the ImageCLEF format), ``scores.csv``
+(``id,score``, higher = more likely used) and ``detector/`` (the fitted detector, for
+``fingerprint predict --model <out>/detector``), plus ``COMMAND.md`` with the exact command and its runtime.
 """
 
 from __future__ import annotations
@@ -23,15 +33,28 @@ import os
 import platform
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
 
 from fingerprint import data as fpdata
-from fingerprint import detectors as det
 from fingerprint.config import ConfigError, flag, to_dict, validate
+from fingerprint.detectors import (
+    PRESETS,
+    Detector,
+    FitData,
+    RankEnsemble,
+    Scores,
+    SelectedEnsemble,
+    create_detector,
+    finish_fit,
+    kind,
+)
+from fingerprint.imagesets import load_fit_data
 from fingerprint.io import write_csv_atomic, write_text_atomic
 from fingerprint.metrics import bootstrap_ci, format_table
 from fingerprint.plots import roc_plot
@@ -43,10 +66,14 @@ FAMILIES = {
     "b": ("ssim",),
     "c": ("frozen",),
     "d": ("triplet",),
-    "e": ("pixel_mass", "subspace_mass", "grad_nn", "domain_clf", "ab_rank", "best"),
+    "e": ("pixel_mass", "subspace_mass", "gradient_nn", "domain_clf", "ab_rank", "best"),
 }
 NAMES = tuple(n for names in FAMILIES.values() for n in names)
+ALIASES = {"grad_nn": "gradient_nn"}
+"""Old table names still accepted by --detectors and --submit."""
 BASELINE_FAMILIES = ("a", "b", "c")
+THRESHOLD_METHOD, TARGET_FPR = "max_f1", 0.05
+DETECTOR_DIR = "detector"
 
 
 @dataclass
@@ -55,11 +82,12 @@ class BenchmarkConfig:
     """Benchmark folder in the ImageCLEF layout: dev/{generated,used,not_used} and optionally
     test/{generated,real_unknown} (or any layout `fingerprint.data.open_folder` reads)."""
     out: str = "benchmarks/results/run"
-    """Output folder (results.md/json, ROC pictures, dev_scores.csv, submission.csv, scores.csv, COMMAND.md)."""
+    """Output folder (results.md/json, ROC pictures, dev_scores.csv, submission.csv, scores.csv, detector/,
+    COMMAND.md)."""
     detectors: str = "all"
     """Comma-separated detectors and/or families: pixel_l2, pixel_ncc (a), ssim (b), frozen (c, one per backbone),
-    triplet (d, one per backbone), pixel_mass, subspace_mass, grad_nn, domain_clf, ab_rank, best (e); or a, b, c, d,
-    e; or 'all'."""
+    triplet (d, one per backbone), pixel_mass, subspace_mass, gradient_nn (alias grad_nn), domain_clf, ab_rank,
+    best (e); or a, b, c, d, e; or 'all'. Each is a preset of fingerprint.detectors.PRESETS."""
     backbones: str = "auto"
     """Comma-separated timm backbones for frozen/triplet; 'auto' = every <name>.safetensors in --weights-dir."""
     weights_dir: str = ""
@@ -70,11 +98,11 @@ class BenchmarkConfig:
     repeats: int = 3
     """Repeats of the k-fold with different seeds; metrics are averaged over repeats."""
     trained_repeats: int = 1
-    """Repeats on which label-trained detectors (triplet) are refitted per fold (each repeat = --folds trainings;
-    they dominate the runtime). The first repeats of the same splits are used."""
+    """Repeats on which costly label-trained detectors (triplet) are refitted per fold (each repeat = --folds
+    trainings; they dominate the runtime). The first repeats of the same splits are used."""
     image_size: int = 64
-    """Side in pixels that every image is resized to for the pixel, SSIM and gradient detectors (and grad_nn's
-    features); domain_clf works at half of it."""
+    """Side in pixels that every image is resized to for the pixel, SSIM, subspace, gradient and domain
+    detectors (gradient_nn's features at this size, domain_clf's at half of it)."""
     frozen_image_size: int = 128
     """Input size of the frozen backbones (c)."""
     train_image_size: int = 64
@@ -89,19 +117,19 @@ class BenchmarkConfig:
     """Pseudo-patient grouping of real images without group ids: average-linkage clusters of 32x32 thumbnails
     whose mean correlation is at least this (fingerprint.data.infer_groups)."""
     submit: str = "best"
-    """Detector whose test predictions are written (submission.csv, scores.csv); 'auto' = highest mean dev AUC,
-    'none' = write none."""
+    """Detector whose test predictions are written (submission.csv, scores.csv, detector/); 'auto' = highest
+    mean dev AUC, 'none' = write none."""
     n_boot: int = 1000
     """Bootstrap resamples for the 95% intervals."""
     seed: int = 0
-    """Seed for the splits, the bootstrap and training."""
+    """Seed for the splits, the bootstrap, the domain classifier's cross-fitting and training."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device for the neural detectors (c, d)."""
     skip_bad: bool = False
     """Skip unreadable image files (listed in the log) instead of stopping at the first one."""
 
     def requested(self) -> list[str]:
-        """Detector kinds asked for by --detectors, in table order (frozen/triplet not yet per backbone)."""
+        """Detector names asked for by --detectors, in table order (frozen/triplet not yet per backbone)."""
         asked: set[str] = set()
         for tok in (t.strip().lower() for t in self.detectors.split(",")):
             if not tok:
@@ -111,8 +139,12 @@ class BenchmarkConfig:
             elif tok in FAMILIES:
                 asked.update(FAMILIES[tok])
             else:
-                asked.add(tok)
+                asked.add(ALIASES.get(tok, tok))
         return [n for n in NAMES if n in asked] + sorted(asked - set(NAMES))
+
+    def submit_name(self) -> str:
+        sub = self.submit.strip().lower()
+        return ALIASES.get(sub, sub)
 
     def problems(self) -> list[str]:
         out = []
@@ -137,7 +169,7 @@ class BenchmarkConfig:
                 out.append(f"{flag('backbones')}: 'auto' reads the backbones from a weights folder; with "
                            f"{flag('weights_dir')} {self.weights_dir} name them, e.g. resnet18")
             elif self.backbones.strip() not in ("", "auto") and self.weights_dir not in ("none", "hub"):
-                missing = [b for b in _split(self.backbones) if det.weights_file(self.weights_dir, b) is None]
+                missing = [b for b in _split(self.backbones) if weights_file(self.weights_dir, b) is None]
                 if missing:
                     out.append(f"{flag('backbones')}: no weights file <backbone>.safetensors in "
                                f"'{self.weights_dir}' for {', '.join(missing)}")
@@ -158,7 +190,7 @@ class BenchmarkConfig:
             out.append(f"{flag('group_threshold')}: a correlation in [-1, 1] (got {self.group_threshold})")
         if self.device not in ("auto", "cpu", "cuda"):
             out.append(f"{flag('device')}: one of auto, cpu, cuda (got {self.device!r})")
-        sub = self.submit.strip().lower()
+        sub = self.submit_name()
         if sub not in ("auto", "none") and sub not in asked and not (
             sub.startswith(("frozen_", "triplet_")) and sub.split("_", 1)[0] in asked
         ):
@@ -171,97 +203,131 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-# ---------------------------------------------------------------------------------------------- loading
+def weights_file(weights_dir: str | Path, backbone: str) -> Path | None:
+    """``<weights_dir>/<backbone>.safetensors`` (or .pth/.bin) if it exists."""
+    for ext in (".safetensors", ".pth", ".bin"):
+        p = Path(weights_dir) / f"{backbone}{ext}"
+        if p.is_file():
+            return p
+    return None
 
 
-@dataclass
-class Loaded:
-    pool: det.Pool
-    n_test: int
-    groups_from: str
-    skipped: list[str] = field(default_factory=list)
+# ----------------------------------------------------------------------------------------------- detectors
 
 
-def load_pool(config: BenchmarkConfig) -> Loaded:
-    """Read the benchmark into a Pool: dev labelled real images first, then test real images, all generated."""
-    dev, test = fpdata.open_benchmark(config.data, skip_bad=config.skip_bad)
-    skipped = [f"{p} ({why})" for s in (dev, test) if s is not None for p, why in s.skipped]
-    if skipped:
-        log.warning("skipped %d unreadable file(s): %s", len(skipped), "; ".join(skipped[:10]))
-    labelled = dev.role("used") + dev.role("not_used")
-    if not dev.role("used") or not dev.role("not_used"):
-        raise fpdata.DataError(f"{config.data}: the dev set needs used and not_used images to evaluate on")
-    unknown = test.role("real_unknown") if test is not None else dev.role("real_unknown")
-    gen_items = dev.role("generated") + (test.role("generated") if test is not None else [])
-    if not gen_items:
-        raise fpdata.DataError(f"{config.data}: no generated images found")
-    real_items = labelled + unknown
+def preset(name: str, config: BenchmarkConfig) -> tuple[str, dict[str, Any]]:
+    """(kind, settings) of preset ``name`` at the harness's image size (and seed, for the domain classifier)."""
+    kind_name, settings = PRESETS[name]
+    settings = dict(settings)
     size = config.image_size
-    real = fpdata.load_array(real_items, size=size)
-    gen = fpdata.load_array(gen_items, size=size)
-    labels = np.array([it.label if it.label is not None else -1 for it in real_items], dtype=np.int64)
-    if all(it.group is not None for it in real_items):
-        groups = np.unique([str(it.group) for it in real_items], return_inverse=True)[1].astype(np.int64)
-        groups_from = "group ids from the manifest"
-    else:
-        groups = fpdata.infer_groups(real, threshold=config.group_threshold, thumb=32, linkage="average")
-        groups_from = (f"inferred: average-linkage on 32x32 thumbnail correlation >= {config.group_threshold} "
-                       "(fingerprint.data.infer_groups)")
-    n_dev_gen = len(dev.role("generated"))
-    source = np.r_[np.zeros(n_dev_gen), np.ones(len(gen_items) - n_dev_gen)].astype(np.int64)
-    pool = det.Pool(generated=gen, real=real, labels=labels, groups=groups, generated_source=source,
-                    real_ids=[it.id for it in real_items], generated_ids=[it.id for it in gen_items])
-    return Loaded(pool, len(unknown), groups_from, skipped)
+    if kind_name in ("pixel", "subspace", "ssim", "gradient", "domain"):
+        settings["image_size"] = size
+    if kind_name == "gradient":
+        settings["feature_size"] = size
+    elif kind_name == "domain":
+        settings.update(feature_size=max(size // 2, 8), seed=config.seed)
+    return kind_name, settings
 
 
-def build_detectors(config: BenchmarkConfig) -> list[det.Detector]:
-    """The detectors --detectors asks for, in table order; frozen and triplet once per backbone."""
-    asked = config.requested()
-    backbones: list[tuple[str, str]] = []
-    if {"frozen", "triplet"} & set(asked):
-        if config.weights_dir in ("none", "hub"):
-            backbones = [(b, config.weights_dir) for b in _split(config.backbones)]
-        else:
-            names = (sorted(p.stem for p in Path(config.weights_dir).glob("*.safetensors"))
-                     if config.backbones.strip() == "auto" else _split(config.backbones))
-            backbones = [(b, str(det.weights_file(config.weights_dir, b))) for b in names]
-            if not backbones:
-                raise ConfigError([f"{flag('weights_dir')}: no <backbone>.safetensors files in "
-                                   f"'{config.weights_dir}'"])
-    settings = det.TripletSettings(image_size=config.train_image_size, epochs=config.epochs,
-                                   triplets_per_epoch=config.triplets_per_epoch, batch_size=config.batch_size,
-                                   device=config.device, seed=config.seed)
-    # One instance each, shared with the ensembles, which then reuse the scores computed for the table.
-    grad = det.GradientNN(size=config.image_size, k=10)
-    dom = det.DomainClassifier(size=max(config.image_size // 2, 8), c=0.01, folds=10, seed=config.seed)
-    ncc = det.PixelNN("ncc")
-    mass = det.GeneratedMass(k=10)
-    subspace = det.GeneratedMass(k=10, subspace=True)
-    out: list[det.Detector] = []
-    for name in asked:
-        if name == "pixel_l2":
-            out.append(det.PixelNN("l2"))
-        elif name == "pixel_ncc":
-            out.append(ncc)
-        elif name == "ssim":
-            out.append(det.SSIMNN())
-        elif name == "frozen":
-            out += [det.FrozenNN(b, w, config.frozen_image_size, config.device) for b, w in backbones]
-        elif name == "triplet":
-            out += [det.TripletNN(b, w, settings) for b, w in backbones]
-        elif name == "grad_nn":
-            out.append(grad)
-        elif name == "domain_clf":
-            out.append(dom)
-        elif name == "pixel_mass":
-            out.append(mass)
-        elif name == "subspace_mass":
-            out.append(subspace)
-        elif name == "ab_rank":
-            out.append(det.RankEnsemble([grad, dom], name="ab_rank"))
-        elif name == "best":
-            out.append(det.SelectedEnsemble([ncc, mass, subspace, grad, dom], name="best"))
+def named(kind_name: str, settings: dict[str, Any], name: str) -> Detector:
+    """An unfitted detector whose ``name`` (tables, reports) is ``name``."""
+    d = create_detector(kind_name, settings)
+    d.meta.extra["name"] = name
+    return d
+
+
+def family_of(d: Detector) -> str:
+    """The table's family (a-e) of ``d``: its place in FAMILIES (pixel_mass is one of ours, e, although its kind
+    is the pixel baseline's), else its kind's."""
+    base = d.kind if d.kind in ("frozen", "triplet") else d.name
+    return next((f for f, names in FAMILIES.items() if base in names), d.family)
+
+
+def fresh(d: Detector) -> Detector:
+    """An unfitted copy of ``d``: same kind, settings and name."""
+    return named(d.kind, d.meta.settings, d.name)
+
+
+def backbones(config: BenchmarkConfig) -> list[tuple[str, str]]:
+    """(backbone, weights) pairs for frozen/triplet: a weights file per backbone, or 'none'/'hub'."""
+    if config.weights_dir in ("none", "hub"):
+        return [(b, config.weights_dir) for b in _split(config.backbones)]
+    names = (sorted(p.stem for p in Path(config.weights_dir).glob("*.safetensors"))
+             if config.backbones.strip() == "auto" else _split(config.backbones))
+    out = [(b, str(weights_file(config.weights_dir, b))) for b in names]
+    if not out:
+        raise ConfigError([f"{flag('weights_dir')}: no <backbone>.safetensors files in '{config.weights_dir}'"])
     return out
+
+
+def build_detectors(config: BenchmarkConfig) -> list[Detector]:
+    """Unfitted detectors for --detectors, in table order; frozen and triplet once per backbone."""
+    asked = config.requested()
+    pairs = backbones(config) if {"frozen", "triplet"} & set(asked) else []
+    out: list[Detector] = []
+    for name in asked:
+        if name == "frozen":
+            out += [named("frozen", {"backbone": b, "weights": w, "image_size": config.frozen_image_size,
+                                     "device": config.device}, f"frozen_{b}") for b, w in pairs]
+        elif name == "triplet":
+            out += [named("triplet", {"backbone": b, "weights": w, "image_size": config.train_image_size,
+                                      "epochs": config.epochs, "triplets_per_epoch": config.triplets_per_epoch,
+                                      "train_batch_size": config.batch_size, "device": config.device,
+                                      "seed": config.seed}, f"triplet_{b}") for b, w in pairs]
+        else:
+            out.append(named(*preset(name, config), name))
+    return out
+
+
+def remember_scores(d: Detector, ids: Sequence[str], scores: Scores) -> None:
+    """Let fitted, label-free ``d`` answer ``score`` for images of ``ids`` from ``scores`` instead of recomputing.
+
+    Within the harness an id names one image of the one FitData, and a label-free detector fitted once gives
+    each image one score, so this is a cache: the ensembles (and the submission's threshold) reuse the scores
+    of the table. Images without ids, or with others, are scored as usual. Not saved with the detector.
+    """
+    row = {i: r for r, i in enumerate(ids)}
+    compute = d.score
+
+    def score(images: Sequence[Image.Image], ids: Sequence[str] | None = None) -> Scores:
+        rows = [row.get(i, -1) for i in ids] if ids is not None else []
+        if rows and min(rows) >= 0:
+            return scores.take(rows)
+        return compute(images, ids)
+
+    d.score = score  # type: ignore[method-assign]
+
+
+class Fitted:
+    """Label-free detectors fitted once on every image of the benchmark, by name, with the scores of every real
+    image; the ensembles take their members from here (fitting any the table does not hold)."""
+
+    def __init__(self, data: FitData, config: BenchmarkConfig) -> None:
+        self.data, self.config = data, config
+        self.by_name: dict[str, Detector] = {}
+        self.scores: dict[str, Scores] = {}
+
+    def fit(self, d: Detector) -> Scores:
+        if d.learns:
+            raise ValueError(f"{d.name} learns from labels: it is refitted per split, not shared")
+        self.share_members(d)
+        d.fit(self.data)
+        s = d.score(self.data.real, self.data.real_ids)
+        if not np.all(np.isfinite(s.score)):
+            raise RuntimeError(f"{d.name}: produced non-finite scores")
+        remember_scores(d, self.data.real_ids, s)
+        self.by_name[d.name], self.scores[d.name] = d, s
+        return s
+
+    def get(self, name: str) -> Detector:
+        if name not in self.by_name:
+            log.info("fitting ensemble member %s", name)
+            self.fit(named(*preset(name, self.config), name))
+        return self.by_name[name]
+
+    def share_members(self, d: Detector) -> None:
+        if isinstance(d, RankEnsemble):
+            d.prefitted = {n: self.get(n) for n in d.names}
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -271,58 +337,86 @@ def build_detectors(config: BenchmarkConfig) -> list[det.Detector]:
 class Run:
     """One detector's out-of-fold dev results."""
 
-    detector: det.Detector
+    detector: Detector
+    """Label-free: the detector fitted on all images. Learning: an unfitted prototype (refitted per split)."""
     oof: list[np.ndarray]
     """Per evaluated repeat: (n_labelled,) out-of-fold scores."""
     decisions: list[np.ndarray]
     thresholds: list[list[float]]
     seconds: float
-    full_scores: np.ndarray | None = None
-    """Unsupervised detectors: the scores of every real image (test ones included)."""
+    full_scores: Scores | None = None
+    """Label-free detectors: the scores of every real image (test ones included)."""
     metrics: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     per_repeat: list[dict[str, tuple[float, float, float]]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
     """Detector-specific facts for the report, e.g. which members the selected ensemble chose."""
+    distribution_members: set[str] = field(default_factory=set)
+    """Ensembles: members with a distributional signal that a fit used."""
+
+    @property
+    def family(self) -> str:
+        return family_of(self.detector)
 
 
-def evaluate_detector(
-    d: det.Detector, pool: det.Pool, splits: list[tuple[np.ndarray, np.ndarray]], folds: int, trained_repeats: int,
-) -> Run:
-    """Score `d` out of fold on every split (trained detectors: on the first `trained_repeats` repeats)."""
-    lab = pool.labelled
+def _used_members(d: Detector) -> list[Detector]:
+    return [d.members[i] for i in d.chosen] if isinstance(d, RankEnsemble) and d.members else []
+
+
+def evaluate_detector(d: Detector, data: FitData, splits: list[tuple[np.ndarray, np.ndarray]], folds: int,
+                      trained_repeats: int, fitted: Fitted) -> Run:
+    """Score ``d`` out of fold on every split (costly learning detectors: on the first ``trained_repeats``).
+
+    Split indices are positions in ``data.train`` (the labelled dev images). A label-free ``d`` is fitted once
+    (``fitted``); a learning one is refitted on each split's training rows and scores its held-out rows.
+    Thresholds come from the training rows' labels only.
+    """
+    lab = data.train
+    y = data.labels[lab]
     t0 = time.perf_counter()
     full = None
-    if not d.needs_labels:
-        full = d.score(pool)
-        if not np.all(np.isfinite(full)):
-            raise RuntimeError(f"{d.name}: produced non-finite scores")
+    chosen: list[str] = []
+    distribution: set[str] = set()
+    if not d.learns:
+        full = fitted.fit(d)
+        distribution |= {m.name for m in _used_members(d) if m.signal == "distribution"}
         use = splits
-    elif d.costly:
-        use = splits[: trained_repeats * folds]
     else:
-        use = splits
+        use = splits[: trained_repeats * folds] if d.costly else splits
     n_rep = len(use) // folds
     oof = [np.full(len(lab), np.nan) for _ in range(n_rep)]
     dec = [np.zeros(len(lab), dtype=np.int64) for _ in range(n_rep)]
     thr: list[list[float]] = [[] for _ in range(n_rep)]
     for i, (tr, te) in enumerate(use):
         r = i // folds
-        if d.needs_labels:
+        if d.learns:
             if d.costly:
                 log.info("%s: repeat %d fold %d/%d: training on %d labelled images", d.name, r + 1,
                          i % folds + 1, folds, len(tr))
-            s = d.score(pool, lab[tr])
+            model = fresh(d)
+            fitted.share_members(model)
+            model.fit(data.subset(lab[tr]))
+            rows = np.concatenate([lab[tr], lab[te]])
+            s = model.score([data.real[j] for j in rows], [data.real_ids[j] for j in rows])
+            s_tr, s_te = s.take(np.arange(len(tr))), s.take(np.arange(len(tr), len(rows)))
+            if isinstance(model, SelectedEnsemble):
+                chosen.append(" + ".join(model.meta.extra["chosen"]))
+            distribution |= {m.name for m in _used_members(model) if m.signal == "distribution"}
         else:
-            s = full
-        t = d.threshold(pool, s, lab[tr])
-        oof[r][te] = s[lab[te]]
-        dec[r][te] = (s[lab[te]] >= t).astype(np.int64)
+            model, s_tr, s_te = d, full.take(lab[tr]), full.take(lab[te])
+        t = model.choose_threshold(y[tr], s_tr, THRESHOLD_METHOD, TARGET_FPR)
+        if not np.all(np.isfinite(s_te.score)):
+            raise RuntimeError(f"{d.name}: produced non-finite scores")
+        oof[r][te] = s_te.score
+        dec[r][te] = (s_te.score >= t).astype(np.int64)
         thr[r].append(float(t))
-    return Run(d, oof, dec, thr, time.perf_counter() - t0, full)
+    run = Run(d, oof, dec, thr, time.perf_counter() - t0, full, distribution_members=distribution)
+    if chosen:
+        run.notes["chosen_on_training_folds"] = dict(Counter(chosen).most_common())
+    return run
 
 
 def summarise(run: Run, y: np.ndarray, n_boot: int, seed: int) -> None:
-    """Bootstrap intervals per repeat; point and bounds averaged over repeats (identical AUCs when unsupervised)."""
+    """Bootstrap intervals per repeat; point and bounds averaged over repeats (identical AUCs when label-free)."""
     run.per_repeat = [bootstrap_ci(y, s, decisions=d, n_boot=n_boot, seed=seed)
                       for s, d in zip(run.oof, run.decisions, strict=True)]
     run.metrics = {k: tuple(float(np.mean([m[k][j] for m in run.per_repeat])) for j in range(3))  # type: ignore[misc]
@@ -347,11 +441,21 @@ def command_line(config: BenchmarkConfig) -> str:
     return " \\\n    ".join(parts)
 
 
+def signal_of(run: Run) -> str:
+    """'distribution' for a distributional detector, 'mixed (<members>)' for an ensemble that used one."""
+    if run.detector.signal == "distribution":
+        return "distribution"
+    if run.distribution_members:
+        return f"mixed ({', '.join(sorted(run.distribution_members))})"
+    return "per_image"
+
+
 def _row(run: Run) -> dict[str, Any]:
     m = run.metrics
     return {
-        "family": run.detector.family,
+        "family": run.family,
         "detector": run.detector.name,
+        "signal": signal_of(run),
         "auc": m["auc"],
         "tpr1": m["tpr_at_1fpr"],
         "tpr5": m["tpr_at_5fpr"],
@@ -363,14 +467,14 @@ def _row(run: Run) -> dict[str, Any]:
     }
 
 
-COLUMNS = [("family", "family"), ("detector", "detector"), ("auc", "AUC [95% CI]"), ("tpr1", "TPR@1%FPR"),
-           ("tpr5", "TPR@5%FPR"), ("f1", "F1"), ("acc", "accuracy"), ("kappa", "kappa"), ("reps", "repeats"),
-           ("seconds", "seconds")]
+COLUMNS = [("family", "family"), ("detector", "detector"), ("signal", "signal"), ("auc", "AUC [95% CI]"),
+           ("tpr1", "TPR@1%FPR"), ("tpr5", "TPR@5%FPR"), ("f1", "F1"), ("acc", "accuracy"), ("kappa", "kappa"),
+           ("reps", "repeats"), ("seconds", "seconds")]
 
 
 def goals(runs: list[Run], best_name: str | None) -> dict[str, Any]:
     """Issue #6 section 4 checks, from this run's numbers."""
-    base = [r for r in runs if r.detector.family in BASELINE_FAMILIES]
+    base = [r for r in runs if r.family in BASELINE_FAMILIES]
     chosen = next((r for r in runs if r.detector.name == best_name), None)
     out: dict[str, Any] = {}
     if base:
@@ -390,23 +494,45 @@ def goals(runs: list[Run], best_name: str | None) -> dict[str, Any]:
     return out
 
 
-def _markdown(config: BenchmarkConfig, loaded: Loaded, runs: list[Run], g: dict[str, Any], n_splits: int,
+def settings_text(d: Detector) -> str:
+    """The settings of ``d`` that differ from its kind's defaults, as ``key=value`` pairs."""
+    default = to_dict(kind(d.kind).cls.Settings())
+    return ", ".join(f"{k}={v}" for k, v in d.meta.settings.items() if default.get(k) != v)
+
+
+def groups_from(config: BenchmarkConfig) -> str:
+    """Where the pseudo-patient groups come from (fingerprint.imagesets.real_groups)."""
+    inferred = (f"inferred: average-linkage on 32x32 thumbnail correlation >= {config.group_threshold} "
+                "(fingerprint.data.infer_groups)")
+    root = Path(config.data)
+    manifests = [root] if root.is_file() else [p / fpdata.MANIFEST_NAME for p in (root, root / "dev", root / "test")]
+    if any(p.is_file() for p in manifests):
+        return "the manifest's group ids where every real image has one, else " + inferred
+    return inferred
+
+
+def _markdown(config: BenchmarkConfig, data: FitData, runs: list[Run], g: dict[str, Any], n_splits: int,
               seconds: float, submit: str | None) -> str:
-    pool = loaded.pool
-    lab = pool.labelled
-    n_used = int((pool.labels[lab] == 1).sum())
+    lab = data.train
+    n_used = int((data.labels[lab] == 1).sum())
+    n_test = int((data.labels < 0).sum())
     lines = [
         f"# Benchmark: {Path(config.data).name}",
         "",
-        f"Dev: {n_used} used vs {len(lab) - n_used} not-used images, {len(np.unique(pool.groups[lab]))} groups "
-        f"({loaded.groups_from}); gallery: {len(pool.generated)} generated images; test: {loaded.n_test} real "
+        f"Dev: {n_used} used vs {len(lab) - n_used} not-used images, {len(np.unique(data.groups[lab]))} groups "
+        f"({groups_from(config)}); gallery: {len(data.generated)} generated images; test: {n_test} real "
         "images (unlabelled).",
         f"Evaluation: {config.repeats} x {config.folds}-fold group-aware stratified CV ({n_splits} splits); "
-        f"trained detectors on the first {config.trained_repeats} repeat(s). Scores out of fold, thresholds "
-        "fitted on the training folds (max F1; SSIM: real-to-real quantile chosen by F1). Metrics averaged "
-        f"over repeats, 95% stratified bootstrap intervals ({config.n_boot} resamples).",
+        "label-free detectors fitted once on all images, learning ones refitted per split (costly ones on the "
+        f"first {config.trained_repeats} repeat(s)). Scores out of fold, thresholds fitted on the training folds "
+        "(max F1; SSIM: real-to-real quantile chosen by F1). Metrics averaged over repeats, 95% stratified "
+        f"bootstrap intervals ({config.n_boot} resamples).",
         "",
         format_table([_row(r) for r in runs], COLUMNS),
+        "signal: `distribution` = the score measures how generated-like an image is overall, which also rises "
+        "with any distribution shift between the generator's training set and the other real images, not only "
+        "with memorisation of that image; `mixed` = an ensemble that used such a member.",
+        "",
     ]
     if g:
         lines.append("Goals (issue #6, section 4):")
@@ -425,15 +551,18 @@ def _markdown(config: BenchmarkConfig, loaded: Loaded, runs: list[Run], g: dict[
         lines.append("")
     lines += ["Detectors:", ""]
     for r in runs:
-        lines.append(f"- `{r.detector.name}` ({r.detector.family}): {r.detector.description}")
+        d = r.detector
+        extra = settings_text(d)
+        lines.append(f"- `{d.name}` ({r.family}; kind `{d.kind}`{'; ' + extra if extra else ''}): {d.describe()}")
         for key, value in r.notes.items():
             text = ", ".join(f"{k} ({v}x)" for k, v in value.items()) if isinstance(value, dict) else value
             lines.append(f"  - {key.replace('_', ' ')}: {text}")
     lines += ["", "ROC curves (out-of-fold dev scores of the first repeat; the best detector of each family (a)-(d) "
               "and every (e) detector): `roc.png` (linear), `roc_log.png` (log FPR).", ""]
     if submit:
-        lines.append(f"Test predictions: `submission.csv` and `scores.csv` from `{submit}`, threshold fitted on all "
-                     "labelled dev images.")
+        lines.append(f"Test predictions: `submission.csv` and `scores.csv` from `{submit}`, fitted on all labelled "
+                     f"dev images with its threshold from them; the fitted detector is in `{DETECTOR_DIR}/` "
+                     f"(`fingerprint predict --model <out>/{DETECTOR_DIR}`).")
     lines.append(f"Runtime: {seconds / 60:.1f} min on {os.cpu_count()} CPU core(s).")
     return "\n".join(lines) + "\n"
 
@@ -452,24 +581,33 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def write_test_predictions(out: Path, pool: det.Pool, run: Run) -> float:
-    """submission.csv (id,0|1, no header) and scores.csv (id,score) for the unlabelled real images.
+def fit_for_submission(run: Run, data: FitData, fitted: Fitted) -> Detector:
+    """The detector of ``run`` fitted on all labelled dev images (``data.train``), threshold from their labels.
 
-    The threshold comes from all labelled dev images; trained detectors are refitted on all of them first.
+    A label-free detector is the one already fitted for the table; a learning one is fitted once more on every
+    labelled image.
     """
-    lab = pool.labelled
     d = run.detector
-    if d.needs_labels:
-        log.info("%s: training on all %d labelled dev images for the test predictions", d.name, len(lab))
-        s = d.score(pool, lab)
-    else:
-        s = run.full_scores
-    assert s is not None
-    t = d.threshold(pool, s, lab)
-    test = np.flatnonzero(pool.labels < 0)
-    write_csv_atomic(out / "submission.csv", [(pool.real_ids[i], int(s[i] >= t)) for i in test])
-    write_csv_atomic(out / "scores.csv", [(pool.real_ids[i], f"{s[i]:.6g}") for i in test], header=("id", "score"))
-    return float(t)
+    if d.learns:
+        log.info("%s: fitting on all %d labelled dev images for the test predictions", d.name, len(data.train))
+        d = fresh(d)
+        fitted.share_members(d)
+        d.fit(data)
+    return finish_fit(d, data, threshold_method=THRESHOLD_METHOD, target_fpr=TARGET_FPR)
+
+
+def write_test_predictions(out: Path, data: FitData, d: Detector) -> float:
+    """submission.csv (id,0|1, no header) and scores.csv (id,score) for the unlabelled real images, and ``d``
+    saved in ``out/detector``. Returns the threshold."""
+    test = np.flatnonzero(data.labels < 0)
+    ids = [data.real_ids[i] for i in test]
+    s = d.score([data.real[i] for i in test], ids)
+    decisions = d.decide(s)
+    write_csv_atomic(out / "submission.csv", [(i, int(v)) for i, v in zip(ids, decisions, strict=True)])
+    write_csv_atomic(out / "scores.csv", [(i, f"{v:.6g}") for i, v in zip(ids, s.score, strict=True)],
+                     header=("id", "score"))
+    d.save(out / DETECTOR_DIR)
+    return d.threshold
 
 
 def write_roc_plots(out: Path, title: str, labels: np.ndarray, scores: dict[str, np.ndarray],
@@ -494,30 +632,28 @@ def main(config: BenchmarkConfig) -> dict[str, Any]:
     validate(config)
     t_start = time.perf_counter()
     out = Path(config.out)
-    log.info("loading %s", config.data)
-    loaded = load_pool(config)
-    pool = loaded.pool
-    lab = pool.labelled
-    y = pool.labels[lab]
-    log.info("pool: %d generated, %d real (%d labelled, %d test), %d groups", len(pool.generated), len(pool.real),
-             len(lab), loaded.n_test, len(np.unique(pool.groups)))
-    splits = fpdata.repeated_group_kfold(y, pool.groups[lab], n_splits=config.folds, n_repeats=config.repeats,
-                                         seed=config.seed)
     detectors = build_detectors(config)
+    log.info("loading %s", config.data)
+    data = load_fit_data(config.data, val_fraction=0.0, seed=config.seed, skip_bad=config.skip_bad,
+                         group_threshold=config.group_threshold)
+    lab = data.train
+    y = data.labels[lab]
+    n_test = int((data.labels < 0).sum())
+    log.info("benchmark: %d generated, %d real (%d labelled, %d test), %d groups", len(data.generated),
+             len(data.real), len(lab), n_test, len(np.unique(data.groups)))
+    splits = fpdata.repeated_group_kfold(y, data.groups[lab], n_splits=config.folds, n_repeats=config.repeats,
+                                         seed=config.seed)
+    fitted = Fitted(data, config)
     runs: list[Run] = []
     for i, d in enumerate(detectors, 1):
-        log.info("[%d/%d] %s: %s", i, len(detectors), d.name, d.description)
-        if isinstance(d, det.RankEnsemble | det.SelectedEnsemble):
-            d.cache.update({r.detector.name: r.full_scores for r in runs if r.full_scores is not None})
-        run = evaluate_detector(d, pool, splits, config.folds, config.trained_repeats)
-        if isinstance(d, det.SelectedEnsemble):
-            run.notes["chosen_on_training_folds"] = dict(Counter(" + ".join(c) for c in d.chosen).most_common())
+        log.info("[%d/%d] %s: %s", i, len(detectors), d.name, d.describe())
+        run = evaluate_detector(d, data, splits, config.folds, config.trained_repeats, fitted)
         summarise(run, y, config.n_boot, config.seed)
-        auc = run.metrics["auc"]
-        log.info("[%d/%d] %s: AUC %.3f [%.3f, %.3f] in %.1f s", i, len(detectors), d.name, *auc, run.seconds)
+        log.info("[%d/%d] %s: AUC %.3f [%.3f, %.3f] in %.1f s", i, len(detectors), d.name, *run.metrics["auc"],
+                 run.seconds)
         runs.append(run)
 
-    sub = config.submit.strip().lower()
+    sub = config.submit_name()
     if sub == "auto":
         sub = max(runs, key=lambda r: r.metrics["auc"][0]).detector.name
     submit_run = next((r for r in runs if r.detector.name == sub), None) if sub != "none" else None
@@ -531,35 +667,38 @@ def main(config: BenchmarkConfig) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     threshold = None
-    if submit_run is not None and loaded.n_test:
-        threshold = write_test_predictions(out, pool, submit_run)
-        if isinstance(submit_run.detector, det.SelectedEnsemble):
-            submit_run.notes["chosen_for_test"] = " + ".join(submit_run.detector.chosen[-1])
+    if submit_run is not None and n_test:
+        final = fit_for_submission(submit_run, data, fitted)
+        threshold = write_test_predictions(out, data, final)
+        if isinstance(final, SelectedEnsemble):
+            submit_run.notes["chosen_for_test"] = " + ".join(final.meta.extra["chosen"])
     elif submit_run is not None:
         log.warning("no unlabelled test images in %s: no submission written", config.data)
     write_roc_plots(out, Path(config.data).name, y, {r.detector.name: r.oof[0] for r in runs},
-                    {r.detector.name: r.detector.family for r in runs},
+                    {r.detector.name: r.family for r in runs},
                     {r.detector.name: r.metrics["auc"][0] for r in runs})
     write_csv_atomic(out / "dev_scores.csv",
-                     [(pool.real_ids[j], int(y[i]), int(pool.groups[j]), *(f"{r.oof[0][i]:.6g}" for r in runs))
+                     [(data.real_ids[j], int(y[i]), int(data.groups[j]), *(f"{r.oof[0][i]:.6g}" for r in runs))
                       for i, j in enumerate(lab)],
                      header=("id", "label", "group", *(r.detector.name for r in runs)))
     seconds = time.perf_counter() - t_start
-    md = _markdown(config, loaded, runs, g, len(splits), seconds, submit_run.detector.name if submit_run else None)
+    md = _markdown(config, data, runs, g, len(splits), seconds, submit_run.detector.name if submit_run else None)
     write_text_atomic(out / "results.md", md)
     result = {
         "config": to_dict(config),
-        "data": {"generated": len(pool.generated), "real": len(pool.real), "labelled": len(lab),
-                 "used": int((y == 1).sum()), "test": loaded.n_test, "groups": int(len(np.unique(pool.groups))),
-                 "groups_from": loaded.groups_from, "skipped": loaded.skipped},
+        "data": {"generated": len(data.generated), "real": len(data.real), "labelled": len(lab),
+                 "used": int((y == 1).sum()), "test": n_test, "groups": int(len(np.unique(data.groups))),
+                 "groups_from": groups_from(config)},
         "splits": len(splits),
         "detectors": [{
-            "name": r.detector.name, "family": r.detector.family, "description": r.detector.description,
-            "needs_labels": r.detector.needs_labels, "seconds": r.seconds, "metrics": r.metrics,
-            "per_repeat": r.per_repeat, "thresholds": r.thresholds, "notes": r.notes,
+            "name": r.detector.name, "kind": r.detector.kind, "settings": r.detector.meta.settings,
+            "family": r.family, "description": r.detector.describe(), "learns": r.detector.learns,
+            "signal": signal_of(r), "seconds": r.seconds, "metrics": r.metrics, "per_repeat": r.per_repeat,
+            "thresholds": r.thresholds, "notes": r.notes,
         } for r in runs],
         "goals": g,
-        "submission": {"detector": submit_run.detector.name, "threshold": threshold} if submit_run else None,
+        "submission": ({"detector": submit_run.detector.name, "threshold": threshold,
+                        "saved": DETECTOR_DIR if threshold is not None else None} if submit_run else None),
         "seconds": seconds,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }

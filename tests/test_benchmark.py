@@ -1,10 +1,12 @@
-"""`fingerprint benchmark` end to end on a tiny phantom benchmark (every detector family, tiny settings), its
-flag validation, and the command it records."""
+"""`fingerprint benchmark` on the detector protocol: end to end on the tiny phantom benchmark (every family, tiny
+settings), that its scores are the protocol's, that ensembles share the table's fitted members, that learning
+detectors read only training-fold labels, its flag validation, and the command it records."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,61 +14,127 @@ import numpy as np
 import pytest
 
 from fingerprint import cli
-from fingerprint.benchmark import BenchmarkConfig, build_detectors, command_line, load_pool
+from fingerprint import data as fpdata
+from fingerprint.benchmark import (
+    BenchmarkConfig,
+    Fitted,
+    build_detectors,
+    command_line,
+    evaluate_detector,
+    family_of,
+)
 from fingerprint.config import ConfigError, add_arguments, from_args, validate
-from fingerprint.phantoms import make_sample_dataset
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("bench") / "tiny"
-    make_sample_dataset(root, n_patients=12, slices_per_patient=3, size=32, n_generated_dev=30,
-                        n_generated_test=30, n_reference_patients=6, memorisation=0.95, seed=1)
-    return root
-
+from fingerprint.detectors import FitData, RankEnsemble, create_detector, load_detector
+from fingerprint.imagesets import load_fit_data
 
 TINY = ["--image-size", "32", "--folds", "2", "--repeats", "2", "--n-boot", "50", "--backbones", "resnet18",
         "--weights-dir", "none", "--frozen-image-size", "32", "--train-image-size", "32", "--epochs", "1",
         "--triplets-per-epoch", "8", "--batch-size", "4", "--device", "cpu"]
 
 
-def test_benchmark_end_to_end(bench: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def data(sample_bench: Path) -> FitData:
+    return load_fit_data(sample_bench, val_fraction=0.0)
+
+
+def test_benchmark_end_to_end(sample_bench: Path, data: FitData, tmp_path: Path) -> None:
     out = tmp_path / "results"
-    assert cli.main(["benchmark", "--data", str(bench), "--out", str(out), *TINY]) == 0
+    assert cli.main(["benchmark", "--data", str(sample_bench), "--out", str(out), *TINY]) == 0
     for name in ("results.md", "results.json", "roc.png", "roc_log.png", "dev_scores.csv", "submission.csv",
-                 "scores.csv", "COMMAND.md"):
+                 "scores.csv", "COMMAND.md", "detector/meta.json"):
         assert (out / name).is_file(), name
 
     res = json.loads((out / "results.json").read_text())
     names = [d["name"] for d in res["detectors"]]
     assert names == ["pixel_l2", "pixel_ncc", "ssim", "frozen_resnet18", "triplet_resnet18", "pixel_mass",
-                     "subspace_mass", "grad_nn", "domain_clf", "ab_rank", "best"]
-    reps = {d["name"]: len(d["per_repeat"]) for d in res["detectors"]}
+                     "subspace_mass", "gradient_nn", "domain_clf", "ab_rank", "best"]
+    by_name = {d["name"]: d for d in res["detectors"]}
+    assert [by_name[n]["family"] for n in names] == list("aabcdeeeeee")
+    assert by_name["triplet_resnet18"]["kind"] == "triplet" and by_name["pixel_mass"]["kind"] == "pixel"
+    assert by_name["domain_clf"]["signal"] == "distribution" and by_name["pixel_l2"]["signal"] == "per_image"
+    assert by_name["ab_rank"]["signal"] == "mixed (domain_clf)"
+    reps = {n: len(d["per_repeat"]) for n, d in by_name.items()}
     assert reps["triplet_resnet18"] == 1 and reps["best"] == 2 and reps["ssim"] == 2  # --trained-repeats 1
     for d in res["detectors"]:
         point, low, high = d["metrics"]["auc"]
         assert 0 <= low <= high <= 1 and 0 <= point <= 1
         assert len(d["thresholds"][0]) == 2  # one threshold per training fold
-    best = next(d for d in res["detectors"] if d["name"] == "best")
-    assert sum(best["notes"]["chosen_on_training_folds"].values()) == 4  # 2 repeats x 2 folds
+    assert sum(by_name["best"]["notes"]["chosen_on_training_folds"].values()) == 4  # 2 repeats x 2 folds
     assert {"best", "best_baseline", "margin_over_baselines", "signal_ci_above_chance"} <= set(res["goals"])
-    assert res["submission"]["detector"] == "best"
+    assert res["submission"]["detector"] == "best" and res["submission"]["saved"] == "detector"
 
-    # Test files: every unlabelled real image once, in the ImageCLEF format (no header) and as scores.
-    test_ids = sorted(p.stem for p in (bench / "test" / "real_unknown").glob("*.png"))
+    # Test files: every unlabelled real image once, plain ids, in the ImageCLEF format (no header) and as scores.
+    test_ids = sorted(p.stem for p in (sample_bench / "test" / "real_unknown").glob("*.png"))
     rows = list(csv.reader((out / "submission.csv").open()))
     assert sorted(r[0] for r in rows) == test_ids and {r[1] for r in rows} <= {"0", "1"}
     assert all(len(r) == 2 for r in rows)
     scores = list(csv.DictReader((out / "scores.csv").open()))
     assert [r["id"] for r in scores] == [r[0] for r in rows]
-    assert all(np.isfinite(float(r["score"])) for r in scores)
     dev = list(csv.DictReader((out / "dev_scores.csv").open()))
     assert len(dev) == res["data"]["labelled"] and set(names) <= set(dev[0])
+    assert all(r["id"].startswith("dev/") for r in dev)
+
+    # The saved detector is the submission's: same threshold, same scores and decisions on the test images.
+    det = load_detector(out / "detector")
+    assert det.name == "best" and det.threshold == pytest.approx(res["submission"]["threshold"])
+    assert det.meta.split["train"] == [data.real_ids[i] for i in data.train]
+    s = det.score(data.real, data.real_ids)  # the whole pool in one batch, as the harness scored it
+    where = {i: r for r, i in enumerate(data.real_ids)}
+    got = s.score[[where[r["id"]] for r in scores]]
+    np.testing.assert_allclose(got, [float(r["score"]) for r in scores], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal((got >= det.threshold).astype(int), [int(r[1]) for r in rows])
 
     md = (out / "results.md").read_text()
     assert "AUC [95% CI]" in md and "best of (a)-(c)" in md and "chosen for test" in md
+    assert "| signal" in md and "distribution" in md and "--model <out>/detector" in md
     command = (out / "COMMAND.md").read_text()
     assert "fingerprint benchmark" in command and "--weights-dir none" in command and "Runtime:" in command
+
+
+def test_harness_scores_are_the_protocols_and_members_are_shared(sample_bench: Path, data: FitData) -> None:
+    config = BenchmarkConfig(data=str(sample_bench), detectors="pixel_l2,gradient_nn,domain_clf,ab_rank,best",
+                             image_size=32, folds=2, repeats=2)
+    lab = data.train
+    y = data.labels[lab]
+    splits = fpdata.repeated_group_kfold(y, data.groups[lab], n_splits=2, n_repeats=2, seed=0)
+    fitted = Fitted(data, config)
+    runs = {d.name: evaluate_detector(d, data, splits, 2, 1, fitted) for d in build_detectors(config)}
+
+    # A label-free detector: fitted once through the protocol, its out-of-fold scores are its scores, and each
+    # threshold comes from the training folds' labels only.
+    plain = create_detector("pixel", {"metric": "l2", "k": 1, "image_size": 32})
+    plain.fit(data)
+    want = plain.score(data.real, data.real_ids)
+    run = runs["pixel_l2"]
+    np.testing.assert_array_equal(run.full_scores.score, want.score)
+    for r in range(2):
+        np.testing.assert_array_equal(run.oof[r], want.score[lab])
+        for f, (tr, _) in enumerate(splits[2 * r : 2 * r + 2]):
+            t = plain.choose_threshold(y[tr], want.take(lab[tr]), "max_f1", 0.05)
+            assert run.thresholds[r][f] == pytest.approx(t)
+
+    # The ensembles use the members fitted for the table; members the table lacks are fitted once, on demand.
+    ab = runs["ab_rank"].detector
+    assert isinstance(ab, RankEnsemble)
+    assert [m is fitted.by_name[n] for m, n in zip(ab.members, ab.names, strict=True)] == [True, True]
+    assert set(fitted.by_name) == {"pixel_l2", "gradient_nn", "domain_clf", "ab_rank", "pixel_ncc", "pixel_mass",
+                                   "subspace_mass"}
+    assert runs["best"].detector.learns and runs["best"].full_scores is None
+
+
+def test_learning_detectors_read_only_training_fold_labels(sample_bench: Path, data: FitData) -> None:
+    config = BenchmarkConfig(data=str(sample_bench), detectors="best", image_size=32)
+    lab = data.train
+    tr, te = fpdata.group_kfold(data.labels[lab], data.groups[lab], n_splits=2, seed=0)[0]
+    flipped = data.labels.copy()
+    flipped[lab[te]] = 1 - flipped[lab[te]]
+    other = dataclasses.replace(data, labels=flipped)
+    oof = []
+    for d in (data, other):
+        [best] = build_detectors(config)
+        run = evaluate_detector(best, d, [(tr, te)], 1, 1, Fitted(d, config))
+        oof.append(run.oof[0][te])
+    np.testing.assert_array_equal(oof[0], oof[1])
 
 
 def test_problems_name_the_flags(tmp_path: Path) -> None:
@@ -78,7 +146,10 @@ def test_problems_name_the_flags(tmp_path: Path) -> None:
     for expected in ("--data", "unknown pixel", "--weights-dir", "--folds", "--submit", "--image-size"):
         assert expected in text, expected
     assert BenchmarkConfig(detectors="a, e").requested() == ["pixel_l2", "pixel_ncc", "pixel_mass", "subspace_mass",
-                                                              "grad_nn", "domain_clf", "ab_rank", "best"]
+                                                              "gradient_nn", "domain_clf", "ab_rank", "best"]
+    # The old name of gradient_nn is still accepted.
+    old = BenchmarkConfig(data=str(tmp_path), detectors="grad_nn,domain_clf", submit="grad_nn")
+    assert old.requested() == ["gradient_nn", "domain_clf"] and old.problems() == []
     # Named backbones must have a weights file in the folder.
     weights = tmp_path / "weights"
     weights.mkdir()
@@ -86,27 +157,19 @@ def test_problems_name_the_flags(tmp_path: Path) -> None:
     ok = BenchmarkConfig(data=str(tmp_path), detectors="c", weights_dir=str(weights), backbones="resnet18",
                          submit="frozen_resnet18")
     assert ok.problems() == []
-    assert [d.name for d in build_detectors(BenchmarkConfig(detectors="c", weights_dir=str(weights)))] == [
-        "frozen_resnet18"]
+    [frozen] = build_detectors(BenchmarkConfig(detectors="c", weights_dir=str(weights)))
+    assert frozen.name == "frozen_resnet18" and family_of(frozen) == "c"
+    assert frozen.meta.settings["weights"] == str(weights / "resnet18.safetensors")
     bad = BenchmarkConfig(data=str(tmp_path), detectors="c", weights_dir=str(weights), backbones="mobilenetv2_100",
                           submit="none")
     assert any("mobilenetv2_100" in p for p in bad.problems())
 
 
-def test_command_line_reproduces_the_config(bench: Path) -> None:
-    cfg = BenchmarkConfig(data=str(bench), out="x/y", detectors="a,e", repeats=2, skip_bad=True, device="cpu")
+def test_command_line_reproduces_the_config(sample_bench: Path) -> None:
+    cfg = BenchmarkConfig(data=str(sample_bench), out="x/y", detectors="a,e", repeats=2, skip_bad=True,
+                          device="cpu")
     text = command_line(cfg)
     parser = argparse.ArgumentParser()
     add_arguments(parser, BenchmarkConfig)
     argv = text.replace("\\\n", " ").split()[2:]  # drop "fingerprint benchmark"
     assert from_args(BenchmarkConfig, parser.parse_args(argv)) == cfg
-
-
-def test_pool_puts_labelled_images_first(bench: Path) -> None:
-    loaded = load_pool(BenchmarkConfig(data=str(bench), image_size=32))
-    pool = loaded.pool
-    lab = pool.labelled
-    assert lab.tolist() == list(range(len(lab)))  # dev used + not_used, then the unlabelled test images
-    assert loaded.n_test == int((pool.labels < 0).sum()) > 0
-    assert pool.real.shape[1:] == (32, 32) and pool.generated_source.tolist().count(0) == 30
-    assert "average-linkage" in loaded.groups_from

@@ -1,158 +1,217 @@
-"""Detectors of the benchmark harness: SSIM against a direct implementation, features, and that unsupervised
-detectors never read labels. Tiny data from the phantom sample benchmark; no downloads."""
+"""The detector protocol (fingerprint.detectors): every registered kind fits, scores, saves and loads; the k-NN kinds
+against brute force; the domain classifier's cross-fitting; the ensembles' ranks and what they read; and the
+errors for unknown kinds and bad settings. Tiny phantom data (the shared ``sample_bench``), no downloads."""
 
 from __future__ import annotations
 
+import dataclasses
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import ndimage
+import torch
+from scipy.stats import rankdata
+from sklearn.linear_model import LogisticRegression
 
-from fingerprint import detectors as det
-from fingerprint.benchmark import BenchmarkConfig, load_pool
-from fingerprint.phantoms import make_sample_dataset
+from fingerprint.config import ConfigError
+from fingerprint.detectors import (
+    PRESETS,
+    FitData,
+    create_detector,
+    fit_detector,
+    kinds,
+    load_detector,
+)
+from fingerprint.features.handcrafted import gradient_features, images_to_array
+from fingerprint.imagesets import load_fit_data
+from fingerprint.metrics import roc_auc
 
-
-def _ssim_direct(x: np.ndarray, y: np.ndarray) -> float:
-    """Wang et al. SSIM with a full-image Gaussian filter (11 taps, sigma 1.5), then the valid region's mean."""
-
-    def f(a: np.ndarray) -> np.ndarray:
-        return ndimage.gaussian_filter(a, 1.5, truncate=3.5, mode="reflect")  # radius 5 = 11 taps
-
-    c1, c2 = 0.01**2, 0.03**2
-    mx, my = f(x), f(y)
-    sxx, syy, sxy = f(x * x) - mx**2, f(y * y) - my**2, f(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
-    return float(s[5:-5, 5:-5].mean())
+NET = {"backbone": "resnet18", "weights": "none", "image_size": 32, "device": "cpu"}
+SMALL: dict[str, dict] = {
+    "pixel": {"image_size": 32, "metric": "l2", "k": 3},
+    "gradient": {"image_size": 32, "feature_size": 16, "k": 3},
+    "subspace": {"image_size": 32, "variance": 0.9, "k": 3},
+    "domain": {"image_size": 32, "feature_size": 16, "folds": 3, "k": 2},
+    "ssim": {"image_size": 32, "quantiles": 5},
+    "frozen": dict(NET),
+    "triplet": {**NET, "embed_dim": 8, "epochs": 1, "triplets_per_epoch": 8, "train_batch_size": 4, "k": 3},
+    "rank_ensemble": {"members": "pixel_ncc,gradient_nn"},
+    "selected_ensemble": {"members": "pixel_ncc,pixel_mass,gradient_nn"},
+}
+"""Small settings per kind; a kind registered later is fitted with its defaults."""
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> det.Pool:
-    root = tmp_path_factory.mktemp("det") / "bench"
-    make_sample_dataset(root, n_patients=12, slices_per_patient=3, size=32, n_generated_dev=30,
-                        n_generated_test=30, n_reference_patients=6, memorisation=0.95, seed=1)
-    return load_pool(BenchmarkConfig(data=str(root), image_size=32)).pool
+def data(sample_bench: Path) -> FitData:
+    return load_fit_data(sample_bench, val_fraction=0.3, seed=0)
 
 
-def _auc(y: np.ndarray, s: np.ndarray) -> float:
-    d = s[y == 1][:, None] - s[y == 0][None, :]
-    return float((d > 0).mean() + 0.5 * (d == 0).mean())
+def _relabel(data: FitData, rows: np.ndarray, labels: np.ndarray) -> FitData:
+    new = data.labels.copy()
+    new[rows] = labels
+    return dataclasses.replace(data, labels=new)
 
 
-def test_ssim_matrix_matches_direct_formula() -> None:
-    rng = np.random.default_rng(0)
-    a = rng.random((3, 24, 24))
-    b = np.concatenate([np.clip(a[:2] + rng.normal(0, 0.1, (2, 24, 24)), 0, 1), rng.random((2, 24, 24))])
-    got = det.ssim_matrix(a, b, block_pairs=3)  # odd blocks exercise the chunk edges
-    want = np.array([[_ssim_direct(x, y) for y in b] for x in a])
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    assert got.shape == (3, 4) and got.dtype == np.float32
-    np.testing.assert_allclose(np.diag(det.ssim_matrix(a, a)), 1.0, atol=1e-5)
-    with pytest.raises(ValueError, match="window"):
-        det.ssim_matrix(a[:, :8, :8], b[:, :8, :8])
+@pytest.mark.parametrize("name", sorted(kinds()))
+def test_every_kind_fits_scores_and_round_trips(name: str, data: FitData, tmp_path: Path) -> None:
+    torch.manual_seed(0)  # network kinds with weights 'none' start from random weights
+    d = fit_detector(name, SMALL.get(name, {}), data)
+    assert d.kind == name and d.name == name and np.isfinite(d.threshold)
+    assert d.meta.split["val"] == [data.real_ids[i] for i in data.val]
+    assert 0.0 <= d.meta.metrics["val_auc"] <= 1.0
+    n, g = len(data.real), len(data.generated)
+    s = d.score(data.real, data.real_ids)
+    assert s.score.shape == (n,) and s.score.dtype == np.float64 and np.all(np.isfinite(s.score))
+    assert s.nearest.shape == s.nearest_similarity.shape and s.nearest.shape[0] == n
+    assert s.nearest.min() >= 0 and s.nearest.max() < g
+    assert np.all(np.diff(s.nearest_similarity, axis=1) <= 1e-6)  # most similar first
+    assert len(d.gallery_ids) == g and d.reference_ids == data.real_ids
+    # Images without ids (an upload) are scored too.
+    assert d.score(data.real[:2]).score.shape == (2,)
+
+    loaded = load_detector(d.save(tmp_path / name))
+    assert loaded.kind == name and loaded.meta.settings == d.meta.settings and loaded.threshold == d.threshold
+    assert loaded.gallery_ids == d.gallery_ids and loaded.reference_ids == d.reference_ids
+    s2 = loaded.score(data.real, data.real_ids)
+    np.testing.assert_allclose(s2.score, s.score, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(s2.nearest, s.nearest)
+    np.testing.assert_array_equal(loaded.decide(s2), d.decide(s))
+
+    if not d.learns:
+        # Label-free kinds never read labels: shuffled labels give the same scores.
+        lab = np.concatenate([data.train, data.val])
+        shuffled = _relabel(data, lab, np.random.default_rng(0).permutation(data.labels[lab]))
+        again = create_detector(name, SMALL.get(name, {}))
+        torch.manual_seed(0)
+        again.fit(shuffled)
+        np.testing.assert_allclose(again.score(data.real, data.real_ids).score, s.score, rtol=0, atol=1e-6)
 
 
-def test_features_are_ncc_and_area_means() -> None:
-    rng = np.random.default_rng(1)
-    x = rng.random((4, 16, 16))
-    np.testing.assert_allclose(det.area_resize(x, 8), x.reshape(4, 8, 2, 8, 2).mean(axis=(2, 4)))
-    f = det.gradient_features(x, 16)
-    assert f.shape == (4, 2 * 16 * 16)
-    np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1.0)
-    # Brightness and contrast changes do not move a normalised cross-correlation.
-    np.testing.assert_allclose(det.gradient_features(0.5 * x + 0.2, 16), f, atol=1e-12)
-    s = rng.random((5, 9))
-    np.testing.assert_allclose(det.topk_mean(s, 3), np.sort(s, axis=1)[:, -3:].mean(axis=1))
-    np.testing.assert_allclose(det.topk_mean(s, 1), s.max(axis=1))
+def test_pixel_and_gradient_scores_equal_brute_force(data: FitData) -> None:
+    q = images_to_array(data.real, 32).reshape(len(data.real), -1).astype(np.float64)
+    g = images_to_array(data.generated, 32).reshape(len(data.generated), -1).astype(np.float64)
+
+    def ncc(x: np.ndarray) -> np.ndarray:
+        x = x - x.mean(axis=1, keepdims=True)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    grad_q = gradient_features(q.reshape(-1, 32, 32), 16)
+    grad_g = gradient_features(g.reshape(-1, 32, 32), 16)
+    cases = [
+        ("pixel", {"image_size": 32, "metric": "l2", "k": 3}, -((q[:, None] - g[None]) ** 2).sum(-1)),
+        ("pixel", {"image_size": 32, "metric": "ncc", "k": 2}, ncc(q) @ ncc(g).T),
+        ("gradient", {"image_size": 32, "feature_size": 16, "k": 4}, grad_q @ grad_g.T),
+    ]
+    for name, settings, sim in cases:
+        d = create_detector(name, settings)
+        d.fit(data)
+        s = d.score(data.real, data.real_ids)
+        order = np.argsort(-sim, axis=1, kind="stable")[:, : settings["k"]]
+        top = np.take_along_axis(sim, order, axis=1)
+        np.testing.assert_allclose(s.score, top.mean(axis=1), rtol=1e-4, atol=1e-4, err_msg=str(settings))
+        np.testing.assert_allclose(s.nearest_similarity, top, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(s.nearest, order)
 
 
-def test_pixel_nn_finds_a_copy(pool: det.Pool) -> None:
-    copy = det.Pool(generated=np.concatenate([pool.generated, pool.real[:1]]), real=pool.real,
-                    labels=pool.labels, groups=pool.groups,
-                    generated_source=np.r_[pool.generated_source, 1], real_ids=pool.real_ids,
-                    generated_ids=[*pool.generated_ids, "copy"])
-    ncc = det.PixelNN("ncc").score(copy)
-    l2 = det.PixelNN("l2").score(copy)
-    assert ncc[0] == pytest.approx(1.0) and np.argmax(ncc) == 0
-    assert l2[0] == pytest.approx(0.0, abs=1e-6) and np.argmax(l2) == 0
-    with pytest.raises(ValueError, match="metric"):
-        det.PixelNN("cosine")
+def test_domain_classifier_scores_with_the_fold_model_that_did_not_see_the_group(data: FitData) -> None:
+    d = create_detector("domain", {"image_size": 32, "feature_size": 16, "folds": 3, "c": 0.05})
+    d.fit(data)
+    fold = d.reference_fold
+    # Whole groups share a fold, so no model saw a near-duplicate of an image it scores.
+    for grp in np.unique(data.groups):
+        assert len(np.unique(fold[data.groups == grp])) == 1
+    xg = d.features(data.generated).astype(np.float64)
+    xr = d.features(data.real).astype(np.float64)
+
+    def refit(f: int) -> LogisticRegression:
+        keep = fold != f
+        x = np.concatenate([xg, xr[keep]])
+        t = np.r_[np.ones(len(xg)), np.zeros(int(keep.sum()))]
+        return LogisticRegression(C=0.05, max_iter=3000, class_weight="balanced").fit(x, t)
+
+    models = {f: refit(f) for f in np.unique(fold)}
+    s = d.score(data.real, data.real_ids).score
+    want = np.array([models[fold[i]].decision_function(xr[i : i + 1])[0] for i in range(len(xr))])
+    np.testing.assert_allclose(s, want, rtol=1e-5, atol=1e-5)
+    # Without its id an image is scored by the mean of the fold models (a fold without images keeps its model).
+    no_id = d.score(data.real).score
+    mean = np.mean([models[f].decision_function(xr) if f in models else xr @ d.coef[f] + d.intercept[f]
+                    for f in range(3)], axis=0)
+    np.testing.assert_allclose(no_id, mean, rtol=1e-5, atol=1e-5)
+    assert d.signal == "distribution" and d.meta.signal == "distribution"
 
 
-def test_unsupervised_detectors_ignore_labels(pool: det.Pool) -> None:
-    shuffled = det.Pool(generated=pool.generated, real=pool.real, labels=np.random.default_rng(0).permutation(
-        pool.labels), groups=pool.groups, generated_source=pool.generated_source, real_ids=pool.real_ids,
-        generated_ids=pool.generated_ids)
-    for d in (det.PixelNN("ncc"), det.GradientNN(size=32), det.DomainClassifier(size=16, folds=4),
-              det.RankEnsemble([det.GradientNN(size=32), det.DomainClassifier(size=16, folds=4)])):
-        assert not d.needs_labels
-        s = d.score(pool)
-        assert s.shape == (len(pool.real),) and np.all(np.isfinite(s))
-        np.testing.assert_array_equal(s, d.score(shuffled))
+def test_rank_ensemble_ranks_and_reuses_prefitted_members(data: FitData) -> None:
+    kind_name, settings = PRESETS["gradient_nn"]
+    pre = create_detector(kind_name, settings)
+    pre.meta.extra["name"] = "gradient_nn"
+    pre.fit(data)
+    ens = create_detector("rank_ensemble", {"members": "pixel_l2,gradient_nn"})
+    ens.prefitted = {"gradient_nn": pre}
+    ens.fit(data)
+    assert ens.members[1] is pre and ens.members[0].name == "pixel_l2"
+    s = ens.score(data.real, data.real_ids).score
+    member = [m.score(data.real, data.real_ids).score for m in ens.members]
+    want = np.mean([rankdata(m) / len(m) for m in member], axis=0)
+    np.testing.assert_allclose(s, want, rtol=0, atol=1e-12)
+    # A member fitted on other images is not reused.
+    fewer = FitData(data.generated, data.generated_ids, data.real[:-1], data.real_ids[:-1], data.labels[:-1],
+                    data.groups[:-1], train=data.train)
+    other = create_detector("rank_ensemble", {"members": "gradient_nn"})
+    other.prefitted = {"gradient_nn": pre}
+    other.fit(fewer)
+    assert other.members[0] is not pre
 
 
-def test_selected_ensemble_picks_the_best_subset_on_training_labels(pool: det.Pool) -> None:
-    members = [det.PixelNN("ncc"), det.GradientNN(size=32), det.DomainClassifier(size=16, folds=4)]
-    best = det.SelectedEnsemble(members)
-    assert best.needs_labels and not best.costly
-    with pytest.raises(ValueError, match="training indices"):
-        best.score(pool)
-    lab = pool.labelled
-    train = lab[::2]
-    s = best.score(pool, train)
-    ranks = {m.name: det.RankEnsemble([m]).score(pool) for m in members}
-    aucs = {c: _auc(pool.labels[train], np.mean([ranks[n] for n in c], axis=0)[train]) for c in best.subsets()}
-    assert len(aucs) == 7 and best.chosen[-1] in aucs
-    assert aucs[best.chosen[-1]] == max(aucs.values())
-    np.testing.assert_allclose(s, np.mean([ranks[n] for n in best.chosen[-1]], axis=0))
-    # The phantom generator memorises strongly (0.95): the chosen scores must see it on the other images.
-    held = lab[1::2]
-    assert _auc(pool.labels[held], s[held]) > 0.7
-    with pytest.raises(ValueError, match="unsupervised"):
-        det.SelectedEnsemble([best])
+def test_selected_ensemble_reads_only_training_labels(data: FitData) -> None:
+    settings = {"members": "pixel_ncc,pixel_mass,gradient_nn"}
+    a = create_detector("selected_ensemble", settings)
+    assert a.learns and not a.costly
+    a.fit(data)
+    # It chose the subset with the best rank-average AUC on the training images.
+    ranks = np.array([rankdata(m.score(data.real, data.real_ids).score) / len(data.real) for m in a.members])
+    y = data.labels[data.train]
+    subsets = [c for r in range(3, 0, -1) for c in combinations(range(3), r)]
+    aucs = {c: roc_auc(y, ranks[list(c)][:, data.train].mean(axis=0)) for c in subsets}
+    assert aucs[a.chosen] == max(aucs.values())
+    # Other labels of the validation and unlabelled images change nothing.
+    unknown = np.flatnonzero(data.labels < 0)
+    changed = _relabel(_relabel(data, data.val, 1 - data.labels[data.val]), unknown,
+                       np.random.default_rng(0).integers(0, 2, len(unknown)))
+    b = create_detector("selected_ensemble", settings)
+    b.prefitted = {m.name: m for m in a.members}
+    b.fit(changed)
+    assert b.chosen == a.chosen and b.meta.extra["chosen"] == a.meta.extra["chosen"]
+    np.testing.assert_array_equal(b.score(data.real, data.real_ids).score, a.score(data.real, data.real_ids).score)
+    with pytest.raises(ConfigError, match="learns"):
+        create_detector("rank_ensemble", {"members": "best"}).fit(data)
 
 
-def test_ssim_threshold_is_a_real_to_real_quantile(pool: det.Pool) -> None:
-    d = det.SSIMNN(quantiles=(0.25, 0.5, 0.75))
-    with pytest.raises(RuntimeError, match="score"):
-        d.threshold(pool, np.zeros(len(pool.real)), pool.labelled)
-    s = d.score(pool)
-    assert d.reference is not None and d.reference.shape == s.shape
-    t = d.threshold(pool, s, pool.labelled)
-    assert t in [float(np.quantile(d.reference, q)) for q in (0.25, 0.5, 0.75)]
+def test_unknown_kinds_and_bad_settings_name_the_problem(data: FitData) -> None:
+    with pytest.raises(ConfigError) as e:
+        fit_detector("no_such_kind", {}, data)
+    assert "no_such_kind" in str(e.value) and all(k in str(e.value) for k in kinds())
+    for name, settings, expected in [
+        ("pixel", {"k": 0}, r"pixel: --k\b"),
+        ("pixel", {"metric": "cosine"}, r"pixel: --metric\b"),
+        ("gradient", {"kk": 3}, "kk"),
+        ("domain", {"c": -1.0}, r"domain: --c\b"),
+        ("triplet", {"mining": "hardest"}, r"triplet: --mining\b"),
+        ("rank_ensemble", {"members": "pixel_ncc,nope"}, "nope"),
+    ]:
+        with pytest.raises(ConfigError, match=expected):
+            create_detector(name, settings)
 
 
-def test_neural_detectors_run_offline(pool: det.Pool) -> None:
-    frozen = det.FrozenNN("resnet18", "none", image_size=32, device="cpu")
-    s = frozen.score(pool)
-    assert s.shape == (len(pool.real),) and np.all(np.abs(s) <= 1 + 1e-6)
-    settings = det.TripletSettings(image_size=32, embed_dim=8, epochs=1, triplets_per_epoch=8, batch_size=4,
-                                   device="cpu")
-    trip = det.TripletNN("resnet18", "none", settings)
-    assert trip.needs_labels
-    with pytest.raises(ValueError, match="training indices"):
-        trip.score(pool)
-    train = pool.labelled[::2]
-    s = trip.score(pool, train)
-    assert s.shape == (len(pool.real),) and np.all(np.isfinite(s))
-    assert det.weights_file(Path("/nonexistent"), "resnet18") is None
-
-
-@pytest.mark.parametrize("subspace", [False, True])
-def test_generated_mass_matches_brute_force(pool: det.Pool, subspace: bool) -> None:
-    d = det.GeneratedMass(k=3, subspace=subspace, variance=0.9)
-    got = d.score(pool)
-    q = pool.real.reshape(len(pool.real), -1).astype(np.float64)
-    g = pool.generated.reshape(len(pool.generated), -1).astype(np.float64)
-    if subspace:
-        mu = g.mean(0)
-        _, sv, vt = np.linalg.svd(g - mu, full_matrices=False)
-        m = int(np.argmax(np.cumsum(sv**2) / np.sum(sv**2) >= 0.9)) + 1
-        q, g = (q - mu) @ vt[:m].T, (g - mu) @ vt[:m].T
-    for i in range(len(q)):
-        dist = np.sort(((g - q[i]) ** 2).sum(1))[:3]
-        assert got[i] == pytest.approx(-dist.mean(), rel=1e-6, abs=1e-9)
-    # Memorising sample data: members have more generated mass nearby.
-    lab = pool.labelled
-    assert _auc(pool.labels[lab], got[lab]) > 0.8
+@pytest.mark.parametrize("name", ["pixel_ncc", "subspace_mass", "gradient_nn", "domain_clf", "ssim", "ab_rank"])
+def test_an_image_scores_the_same_alone_as_in_a_batch(name: str, data: FitData) -> None:
+    kind_name, settings = PRESETS[name]
+    d = create_detector(kind_name, {**settings, **({"image_size": 32} if "members" not in settings else {})})
+    d.fit(data)
+    together = d.score(data.real, data.real_ids).score
+    alone = np.array([d.score(data.real[i : i + 1], data.real_ids[i : i + 1]).score[0] for i in (0, 5, 30)])
+    x = np.random.default_rng(0).random((3, 8, 8))
+    per_image = np.concatenate([gradient_features(x[i : i + 1], 8) for i in range(3)])
+    np.testing.assert_allclose(gradient_features(x, 8), per_image, atol=1e-12)
+    np.testing.assert_allclose(alone, together[[0, 5, 30]], rtol=1e-5, atol=1e-6)

@@ -200,7 +200,7 @@ def create_detector(name: str, settings: Any = None) -> Detector:
             raise ConfigError([f"{name}: unknown setting(s) {', '.join(unknown)}; known: "
                                + ", ".join(f.name for f in dataclasses.fields(cls.Settings))])
         settings = from_dict(cls.Settings, settings)
-    problems = [f"{name}.{p}" for p in check_fields(settings)]
+    problems = [f"{name}: {p}" for p in check_fields(settings)]
     if problems:
         raise ConfigError(problems)
     return cls(settings)
@@ -325,7 +325,9 @@ def load_detector(path: str | Path) -> Detector:
     if "kind" not in raw:
         raise ValueError(f"{path}/{META_FILE}: no 'kind'; this is not a detector's metadata")
     meta = from_dict(DetectorMeta, raw)
-    det = create_detector(meta.kind, meta.settings)
+    # A detector runs where it is loaded: the device it was fitted on may not exist here.
+    settings = {**meta.settings, "device": "auto"} if "device" in meta.settings else meta.settings
+    det = create_detector(meta.kind, settings)
     det.meta = meta
     ids = json.loads((path / IDS_FILE).read_text()) if (path / IDS_FILE).is_file() else {}
     det.gallery_ids = list(ids.get("gallery", []))

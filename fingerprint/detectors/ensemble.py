@@ -51,6 +51,8 @@ class RankEnsemble(Detector):
             raise ConfigError([f"--members: unknown preset(s) {', '.join(unknown) or '(none given)'}; "
                                f"known: {', '.join(PRESETS)}"])
         self.members: list[Detector] = []
+        self.pool_scores = np.zeros((0, 0))
+        """(members, R) each member's score of every reference image, in reference order."""
         self.reference_scores: list[np.ndarray] = []
         self.chosen: tuple[int, ...] = tuple(range(len(self.names)))
         self.prefitted: dict[str, Detector] = {}
@@ -74,23 +76,39 @@ class RankEnsemble(Detector):
         self.members = []
         for m in self._members():
             pre = self.prefitted.get(m.name)
-            if pre is not None and pre.gallery_ids == list(generated_ids) and pre.reference_ids == list(reference_ids):
+            # A prefitted member is used as it is (the harness's may differ in image size from the preset); the
+            # members' actual settings are what the ensemble saves.
+            if (pre is not None and pre.kind == m.kind and pre.gallery_ids == list(generated_ids)
+                    and pre.reference_ids == list(reference_ids)):
                 m = pre
             else:
                 m.index(generated, generated_ids, reference, reference_ids, reference_groups, progress)
             self.members.append(m)
         self.gallery_ids = list(generated_ids)
         self._set_reference(reference_ids, reference_groups)
-        self.reference_scores = [np.sort(m.score(reference, reference_ids).score) for m in self.members]
+        self.pool_scores = np.array([m.score(reference, reference_ids).score for m in self.members])
+        self.reference_scores = [np.sort(row) for row in self.pool_scores]
+        self._update_signal()
 
     def member_ranks(self, images: Sequence[Image.Image], ids: Sequence[str] | None) -> tuple[np.ndarray, Scores]:
         """(members, N) ranks and the first member's scores (its evidence)."""
         out, first = [], None
-        for m, ref in zip(self.members, self.reference_scores, strict=True):
+        rows = self.self_rows(ids, len(images))
+        own = rows >= 0
+        for i, (m, ref) in enumerate(zip(self.members, self.reference_scores, strict=True)):
             s = m.score(images, ids)
             first = s if first is None else first
-            out.append(_mid_rank(ref, s.score))
+            values = s.score.copy()
+            # A pool image takes the very score its rank was computed from: a recomputed one may differ in the
+            # last bits (another batch) and, tied with itself, move half a rank.
+            values[own] = self.pool_scores[i, rows[own]]
+            out.append(_mid_rank(ref, values))
         return np.array(out), first
+
+    def _update_signal(self) -> None:
+        # An average with a distribution-level member inherits its caveat.
+        chosen = [self.members[i] for i in self.chosen] if self.members else []
+        self.meta.signal = "distribution" if any(m.signal == "distribution" for m in chosen) else "per_image"
 
     def score(self, images: Sequence[Image.Image], ids: Sequence[str] | None = None) -> Scores:
         ranks, first = self.member_ranks(images, ids)
@@ -102,9 +120,9 @@ class RankEnsemble(Detector):
 
     def arrays(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
-        for i, (m, ref) in enumerate(zip(self.members, self.reference_scores, strict=True)):
+        for i, m in enumerate(self.members):
             out.update({f"m{i}.{k}": v for k, v in m.arrays().items()})
-            out[f"m{i}.reference_scores"] = ref
+            out[f"m{i}.pool_scores"] = self.pool_scores[i]
         return out
 
     def _save_members(self) -> None:
@@ -118,7 +136,7 @@ class RankEnsemble(Detector):
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         saved: list[dict[str, Any]] = self.meta.extra.get("members", [])
-        self.members, self.reference_scores = [], []
+        self.members, pool = [], []
         for i, info in enumerate(saved):
             m = create_detector(info["kind"], info["settings"])
             m.meta.extra = dict(info.get("extra") or {})
@@ -127,7 +145,9 @@ class RankEnsemble(Detector):
             prefix = f"m{i}."
             m.load_arrays({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
             self.members.append(m)
-            self.reference_scores.append(arrays[f"{prefix}reference_scores"])
+            pool.append(arrays[f"{prefix}pool_scores"])
+        self.pool_scores = np.array(pool)
+        self.reference_scores = [np.sort(row) for row in self.pool_scores]
         chosen = self.meta.extra.get("chosen", self.names)
         self.chosen = tuple(self.names.index(n) for n in chosen)
 
@@ -158,3 +178,4 @@ class SelectedEnsemble(RankEnsemble):
         # Larger subsets come first, and max() keeps the first of equals: ties go to more members.
         self.chosen = max(subsets, key=lambda c: roc_auc(y, ranks[list(c)].mean(axis=0)))
         self.meta.extra["chosen"] = [self.names[i] for i in self.chosen]
+        self._update_signal()

@@ -54,6 +54,8 @@ class NetworkSettings:
     """Images per forward pass."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the network runs."""
+    seed: int = 0
+    """Seed of the random initialisation (weights 'none', the projection head) and of training."""
 
 
 class NetworkNN(FeatureNN):
@@ -64,6 +66,7 @@ class NetworkNN(FeatureNN):
     def __init__(self, settings) -> None:  # noqa: ANN001
         super().__init__(settings)
         self.net: EmbeddingNet | None = None
+        self._forward: torch.nn.Module | None = None
         self.device = resolve_device(settings.device)
 
     def model_config(self, weights: str) -> ModelConfig:
@@ -74,6 +77,7 @@ class NetworkNN(FeatureNN):
     def build(self, weights: str) -> None:
         """Create the network (with pretrained ``weights``) and record its preprocessing."""
         cfg = self.model_config(weights)
+        torch.manual_seed(self.settings.seed)
         self.net = create_embedder(cfg).eval()
         self.meta.extra["data_config"] = data_config(self.net, cfg)
 
@@ -87,7 +91,11 @@ class NetworkNN(FeatureNN):
         return Preprocess(self.meta.extra["data_config"])
 
     def forward_module(self) -> torch.nn.Module:
-        return self.net
+        return self._forward or self.net
+
+    def use_forward(self, module: torch.nn.Module | None) -> None:
+        """Run ``module`` (e.g. a checked TorchScript trace of :meth:`forward_module`) instead; None undoes it."""
+        self._forward = module
 
     def features(self, images: Sequence[Image.Image]) -> np.ndarray:
         if self.net is None:
@@ -123,7 +131,7 @@ class FrozenNN(NetworkNN):
         super().fit(data, progress)
 
     def forward_module(self) -> torch.nn.Module:
-        return _Pooled(self.net)
+        return self._forward or _Pooled(self.net)
 
 
 @dataclass
@@ -150,8 +158,6 @@ class TripletSettings(NetworkSettings):
     """Subtract each image's mean similarity to its k nearest other real images (a k-NN density ratio)."""
     augment: bool = True
     """Augment positives (flips, small rotations, crops, brightness), as the seed did."""
-    seed: int = 0
-    """Seed for triplet sampling, augmentation and initialisation."""
 
 
 @register("triplet")

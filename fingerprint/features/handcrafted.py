@@ -64,8 +64,10 @@ def ncc_rows(v: np.ndarray) -> np.ndarray:
 def gradient_features(x: np.ndarray, size: int = 64) -> np.ndarray:
     """Sobel gradients (gx then gy) of images area-resized to ``size``, as unit NCC rows (N, 2 * size^2)."""
     x = area_resize(x, size)
-    gx = ndimage.sobel(x, axis=-1, mode="nearest")
-    gy = ndimage.sobel(x, axis=-2, mode="nearest")
+    # Sobel per image: ndimage.sobel on the (N, H, W) stack would also smooth across neighbouring images.
+    diff, smooth = [-1.0, 0.0, 1.0], [1.0, 2.0, 1.0]
+    gx = ndimage.correlate1d(ndimage.correlate1d(x, diff, axis=-1, mode="nearest"), smooth, axis=-2, mode="nearest")
+    gy = ndimage.correlate1d(ndimage.correlate1d(x, diff, axis=-2, mode="nearest"), smooth, axis=-1, mode="nearest")
     return ncc_rows(np.concatenate([gx.reshape(len(x), -1), gy.reshape(len(x), -1)], axis=1))
 
 
