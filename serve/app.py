@@ -1,32 +1,37 @@
-"""Ray Serve app: membership scores over HTTP, with dynamic batching, exact gallery search and hot swap.
+"""Ray Serve app: membership scores over HTTP from any saved detector kind, with dynamic batching and hot swap.
 
 Run locally (Ray starts in-process; Ctrl-C stops it):
 
-    fingerprint serve --checkpoint runs/s1/checkpoint --gallery data/sample --reference data/sample
+    fingerprint serve --detector runs/fit/detector        # any kind; its saved gallery, nothing re-embedded
     # or, from the registry:  --registered-model fingerprint-ctbench --tracking-uri sqlite:///mlflow.db
     curl -s localhost:8000/healthz
     curl -s -F files=@data/sample/test/real_unknown/real_unknown_0001.png localhost:8000/v1/score
 
-Production (a long-lived Ray cluster, or KubeRay's RayService with the same YAML under serveConfigV2):
+Production (a long-lived Ray cluster with its dashboard, or KubeRay's RayService with the same YAML under
+serveConfigV2):
 
     ray start --head
-    serve deploy serve/config.yaml            # edit user_config first: model source, gallery, reference
+    serve deploy serve/config.yaml            # edit user_config first: the model source
     # after `fingerprint promote` moved the alias: bump user_config.reload in the YAML, then
     serve deploy serve/config.yaml            # replicas reconfigure in place onto the new champion
 
 The YAML was written by `serve build serve.app:app -o serve/config.yaml` (import_path: serve.app:app).
 
-API (OpenAPI at /docs): POST /v1/embed, POST /v1/score (multipart `files`, base64 JSON, or a raw image body),
-GET /v1/model, GET /healthz.
+API (OpenAPI at /docs): POST /v1/score (multipart `files`, base64 JSON, or a raw image body), GET /v1/model,
+GET /healthz. (/v1/embed is gone: only some kinds have a feature space, and an ensemble has several.)
 
-One deployment, not two. The only expensive step is the forward pass; the gallery search is one
-(batch x D) @ (D x gallery) product, well under a millisecond for tens of thousands of generated images,
-and the gallery (gallery x D float32, 50 MB for 100k x 128) fits in every replica. A separate search
-deployment would add a handle call per batch (serialisation plus scheduling, about a millisecond here, more
-than the search itself) and another process competing for the same cores, and buy nothing: both parts scale
-with the request rate, so they scale together by adding replicas (num_replicas or autoscaling_config). Split
-when a gallery no longer fits a replica's memory (then shard it over search replicas and merge top-k), or
-when the embedder runs on GPU replicas that should not hold the gallery.
+One deployment, not two. Every kind scores a batch in one `Detector.score(images, ids)` call: a feature map (a
+network forward for frozen/triplet, Sobel gradients, pixels, a projection) then an exact top-k against the saved
+gallery, which fits in every replica (gallery x D float32; 50 MB for 100k x 128). A separate search deployment
+would add a handle call per batch and another process competing for the same cores, and buy nothing: both parts
+scale with the request rate, so they scale together by adding replicas. Split when a gallery no longer fits a
+replica's memory (shard it over search replicas and merge top-k), or when a network kind's forward runs on GPU
+replicas that should not hold the gallery.
+
+No TorchScript trace any more: the forward belongs to the detector (`Detector.score` calls its own
+`forward_module()`), and swapping a trace in would mean patching a method on a loaded detector, for two kinds
+out of nine (ensembles and the hand-crafted kinds have no network). `python -m serve.bench` still measures a
+traced forward offline, so the gain left on the table stays visible.
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types (Request) on the ingress methods.
@@ -43,6 +48,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.datastructures import UploadFile
@@ -50,7 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fingerprint.config import ConfigError
 from serve.config import ServeConfig, from_user_config
-from serve.model import InputError, ModelState, decode_image, load_state
+from serve.model import InputError, ModelState, decode_image, item_id, load_state
 
 log = logging.getLogger("ray.serve")
 
@@ -63,7 +69,9 @@ DEFAULT_MAX_ONGOING_REQUESTS = 64
 
 class ImageJSON(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: str | None = Field(None, description="Your name for the image, echoed in the answer (default: its index).")
+    id: str | None = Field(None, description="Your name for the image, echoed in the answer (default: its index). "
+                                             "An image of the detector's reference pool sent with its id is never "
+                                             "compared with itself.")
     data: str = Field(..., description="The PNG or JPEG file, base64-encoded.")
 
 
@@ -73,44 +81,38 @@ class ImagesJSON(BaseModel):
 
 
 class ModelRef(BaseModel):
-    name: str
-    version: str
+    name: str = Field(..., description="The detector's name (its kind, qualified where it has variants).")
+    kind: str = Field(..., description="The detector kind, e.g. gradient, triplet, selected_ensemble.")
+    version: str = Field(..., description="The registry version, or 'local' for a detector folder.")
     alias: str | None
 
 
 class Neighbour(BaseModel):
-    id: str
-    similarity: float
+    id: str = Field(..., description="Id of a generated image of the detector's gallery.")
+    similarity: float = Field(..., description="Its similarity in the detector's feature space (higher = closer).")
 
 
 class ScoreResult(BaseModel):
-    id: str
+    id: str = Field(..., description="The image's id: the uploaded file name without its extension, the JSON "
+                                     "id, or the ?id= of a raw body.")
     score: float = Field(..., description="Membership score: higher = more likely in the generator's training set.")
     decision: bool = Field(..., description="score >= threshold: predicted to have been in the training set.")
-    generated_similarity: float = Field(..., description="Mean (or --reduction) similarity to the k nearest "
-                                                         "generated images.")
-    real_similarity: float | None = Field(..., description="The same against the real reference pool "
-                                                           "(calibration); null when scores are not calibrated.")
-    nearest: list[Neighbour] = Field(..., description="The k nearest generated images, most similar first.")
+    generated_similarity: float | None = Field(..., description="The reduced similarity to the nearest generated "
+                                                                "images, where the kind's score is built from one.")
+    real_similarity: float | None = Field(..., description="The same against the real reference pool, for "
+                                                           "calibrated kinds; null otherwise.")
+    nearest: list[Neighbour] = Field(..., description="The nearest generated images, most similar first (for an "
+                                                      "ensemble: those of its lead member).")
 
 
 class ScoreResponse(BaseModel):
     model: ModelRef
+    kind: str
     threshold: float
-    k: int
-    calibrated: bool
+    signal: str = Field(..., description="'per_image': the score measures how close this image sits to the "
+                                         "generated images. 'distribution': how generated-like it is overall, "
+                                         "which also rises with any distribution shift, not only memorisation.")
     results: list[ScoreResult]
-
-
-class EmbeddingResult(BaseModel):
-    id: str
-    embedding: list[float]
-
-
-class EmbedResponse(BaseModel):
-    model: ModelRef
-    dim: int
-    results: list[EmbeddingResult]
 
 
 class ErrorBody(BaseModel):
@@ -142,7 +144,8 @@ api = FastAPI(
     title="fingerprint membership scoring",
     version="1",
     description="Was this real image in the training set of the generator that made the gallery? "
-                "Scores real images against the generated images by nearest neighbours in a learnt embedding.",
+                "Scores real images with a saved membership detector (any kind: pixel, gradient, subspace, domain, "
+                "ssim, frozen or triplet features, ensembles) against the generated images it holds.",
 )
 
 
@@ -278,29 +281,17 @@ class BatchStats:
                 "recent": list(self.recent)}
 
 
+
+
+def _finite(values: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN: a metric that could not be computed is reported as null."""
+    return {k: (v if not isinstance(v, float) or v == v and abs(v) != float("inf") else None)
+            for k, v in values.items()}
+
+
 def _model_ref(state: ModelState) -> dict[str, Any]:
-    return {"name": state.info["name"], "version": state.version, "alias": state.info.get("alias")}
-
-
-def _embed_and_score(state: ModelState, tensors: list[torch.Tensor], want: list[bool]) -> list[tuple[Any, Any]]:
-    """One forward for the batch, then one gallery matrix product for the items that asked for scores."""
-    emb = state.embed(tensors)
-    rows: list[Any] = [None] * len(tensors)
-    pick = [i for i, w in enumerate(want) if w]
-    if pick:
-        s = state.score(emb[pick])
-        for j, i in enumerate(pick):
-            rows[i] = (float(s.score[j]), float(s.generated_similarity[j]),
-                       None if s.real_similarity is None else float(s.real_similarity[j]),
-                       s.nearest[j].tolist(), [float(v) for v in s.nearest_similarity[j]])
-    return [(emb[i], rows[i]) for i in range(len(tensors))]
-
-
-def _max_ongoing_requests() -> int | None:
-    try:
-        return int(serve.get_replica_context()._deployment_config.max_ongoing_requests)
-    except Exception:  # a private attribute: tolerate its absence in other Ray versions
-        return None
+    return {"name": state.detector.name, "kind": state.kind, "version": state.version,
+            "alias": state.info.get("alias")}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,7 +302,7 @@ def _max_ongoing_requests() -> int | None:
 @serve.deployment(max_ongoing_requests=DEFAULT_MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class FingerprintService:
-    """One replica: a model state (swapped whole on reload), a batched embedder, the HTTP routes."""
+    """One replica: a model state (swapped whole on reload), a batched scorer, the HTTP routes."""
 
     def __init__(self) -> None:
         self._state: ModelState | None = None
@@ -325,11 +316,11 @@ class FingerprintService:
     # -- settings and hot swap ------------------------------------------------------------------------------
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply a new user_config: batch settings at once; model, gallery, reference only if they changed.
+        """Apply a new user_config: batch settings at once; the detector only if its source changed.
 
         The first call (replica start) raises on any problem, so a bad config fails the deployment with the
         message. Later calls never raise: Serve would replace the replica and drop requests in flight, so a
-        failed reload keeps serving the old model and reports the error in /v1/model and the log.
+        failed reload keeps serving the old detector and reports the error in /v1/model and the log.
         """
         async with self._reload_lock:
             try:
@@ -358,23 +349,18 @@ class FingerprintService:
             self._state = state  # the swap: one reference; requests already running keep the old state
             self._cfg = cfg
             self._reload_error = None
-            event = {"from_version": old.version if old else None, "to_version": state.version,
-                     "source": state.info["source"], "time": state.info["loaded_at"]}
-            self._swaps.append(event)
-            log.info("serving %s version %s (%s, weights sha256 %s)%s", state.info["name"], state.version,
-                     state.info["source"], state.info["checkpoint_sha256"][:12],
-                     f", swapped from version {old.version}" if old else "")
+            self._swaps.append({"from_version": old.version if old else None, "to_version": state.version,
+                                "from_kind": old.kind if old else None, "to_kind": state.kind,
+                                "source": state.info["source"], "time": state.info["loaded_at"]})
+            log.info("serving %s (%s) version %s from %s%s", state.detector.name, state.kind, state.version,
+                     state.info["source"], f", swapped from {old.kind} version {old.version}" if old else "")
 
     def _apply_settings(self, cfg: ServeConfig) -> None:
-        self._embed_batch.set_max_batch_size(cfg.max_batch_size)
-        self._embed_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._score_batch.set_max_batch_size(cfg.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self._token = cfg.token()
-        limit = _max_ongoing_requests()
-        if limit is not None and cfg.max_batch_size > limit:
-            log.warning("max_batch_size %d > max_ongoing_requests %d: batches of one-image requests cannot "
-                        "fill; raise max_ongoing_requests in the deployment options", cfg.max_batch_size, limit)
 
     def _ready(self) -> tuple[ModelState, ServeConfig]:
         if self._state is None or self._cfg is None:
@@ -392,11 +378,12 @@ class FingerprintService:
     # -- batching ---------------------------------------------------------------------------------------------
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _embed_batch(self, items: list[tuple[ModelState, torch.Tensor, bool]]) -> list[Any]:
-        """Embed (and score) a batch of single images; each item's answer is a tuple, or its own exception.
+    async def _score_batch(self, items: list[tuple[ModelState, Image.Image, str]]) -> list[Any]:
+        """Score a batch of single images; each item's answer is a dict, or its own exception.
 
-        Items carry the state their request started with; during a swap a batch can hold both, so it runs
-        one forward per state. A failing forward is retried image by image, so only the culprit fails.
+        Items carry the state their request started with; during a swap a batch can hold both (even two
+        kinds), so it makes one `Detector.score` call per state. A failing call is retried image by image, so
+        only the culprit fails.
         """
         self.stats.record(len(items))
         groups: dict[int, list[int]] = collections.defaultdict(list)
@@ -406,42 +393,18 @@ class FingerprintService:
         for idx in groups.values():
             state = items[idx[0]][0]
             try:
-                results = await asyncio.to_thread(_embed_and_score, state, [items[i][1] for i in idx],
-                                                  [items[i][2] for i in idx])
+                results = await asyncio.to_thread(state.score, [items[i][1] for i in idx], [items[i][2] for i in idx])
             except Exception:
                 log.exception("batch of %d failed; retrying its images one by one", len(idx))
                 results = []
                 for i in idx:
                     try:
-                        results += await asyncio.to_thread(_embed_and_score, state, [items[i][1]], [items[i][2]])
+                        results += await asyncio.to_thread(state.score, [items[i][1]], [items[i][2]])
                     except Exception as e:
                         results.append(e)
             for i, r in zip(idx, results, strict=True):
                 out[i] = r
         return out
-
-    async def _run(self, request: Request, want_scores: bool) -> tuple[ModelState, list[str], list[Any]]:
-        self._check_auth(request)
-        state, cfg = self._ready()  # one snapshot for the whole request
-        raw = await read_images(request, cfg)
-        names, tensors, problems = [], [], []
-        for name, data in raw:
-            try:
-                tensors.append(state.pixels(decode_image(data, name, cfg.max_image_bytes, cfg.max_image_pixels)))
-                names.append(name)
-            except InputError as e:
-                problems.append(e)
-        if problems:
-            # Every bad item is named, not just the first, so the client can fix them all at once.
-            first = problems[0]
-            raise ApiError(first.status, first.code, "; ".join(str(p) for p in problems),
-                           [p.item for p in problems if p.item])
-        results = await asyncio.gather(*(self._embed_batch((state, t, want_scores)) for t in tensors))
-        failed = [(n, r) for n, r in zip(names, results, strict=True) if isinstance(r, Exception)]
-        if failed:
-            raise ApiError(500, "embedding_failed",
-                           "; ".join(f"{n}: {type(r).__name__}: {r}" for n, r in failed), [n for n, _ in failed])
-        return state, names, list(results)
 
     # -- routes -----------------------------------------------------------------------------------------------
 
@@ -449,48 +412,54 @@ class FingerprintService:
               openapi_extra={"requestBody": _IMAGE_BODY_SCHEMA},
               summary="Membership score, decision and nearest generated images for each uploaded real image")
     async def score(self, request: Request) -> dict[str, Any]:
-        state, names, results = await self._run(request, want_scores=True)
-        gallery_ids = state.gallery.ids
-        out = []
-        for name, (_, row) in zip(names, results, strict=True):
-            score, gen_sim, real_sim, nearest, nearest_sim = row
-            out.append({"id": name, "score": score, "decision": bool(score >= state.threshold),
-                        "generated_similarity": gen_sim, "real_similarity": real_sim,
-                        "nearest": [{"id": gallery_ids[j], "similarity": s} for j, s in zip(nearest, nearest_sim,
-                                                                                                strict=True)]})
-        return {"model": _model_ref(state), "threshold": state.threshold, "k": state.score_config.k,
-                "calibrated": state.calibrated, "results": out}
+        self._check_auth(request)
+        state, cfg = self._ready()  # one snapshot for the whole request
+        raw = await read_images(request, cfg)
+        names, images, problems = [], [], []
+        for name, data in raw:
+            try:
+                images.append(decode_image(data, name, cfg.max_image_bytes, cfg.max_image_pixels))
+                names.append(item_id(name))
+            except InputError as e:
+                problems.append(e)
+        if problems:
+            # Every bad item is named, not just the first, so the client can fix them all at once.
+            first = problems[0]
+            raise ApiError(first.status, first.code, "; ".join(str(p) for p in problems),
+                           [p.item for p in problems if p.item])
+        results = await asyncio.gather(*(self._score_batch((state, im, n)) for im, n in zip(images, names,
+                                                                                             strict=True)))
+        failed = [(n, r) for n, r in zip(names, results, strict=True) if isinstance(r, Exception)]
+        if failed:
+            raise ApiError(500, "scoring_failed",
+                           "; ".join(f"{n}: {type(r).__name__}: {r}" for n, r in failed), [n for n, _ in failed])
+        return {"model": _model_ref(state), "kind": state.kind, "threshold": state.threshold,
+                "signal": state.detector.meta.signal,
+                "results": [{"id": n, **r} for n, r in zip(names, results, strict=True)]}
 
-    @api.post("/v1/embed", response_model=EmbedResponse, responses=_ERRORS,
-              openapi_extra={"requestBody": _IMAGE_BODY_SCHEMA},
-              summary="L2-normalised embeddings of the uploaded images")
-    async def embed(self, request: Request) -> dict[str, Any]:
-        state, names, results = await self._run(request, want_scores=False)
-        return {"model": _model_ref(state), "dim": int(state.info["embed_dim"]),
-                "results": [{"id": n, "embedding": r[0].tolist()} for n, r in zip(names, results, strict=True)]}
-
-    @api.get("/v1/model", summary="The served model version, gallery, scoring and batch settings, batch stats")
+    @api.get("/v1/model", summary="The served detector (kind, version, metrics, threshold), batch settings, stats")
     async def model_info(self, request: Request) -> dict[str, Any]:
         self._check_auth(request)
         state, cfg = self._ready()
-        ctx = serve.get_replica_context()
+        det, info = state.detector, state.info
         return {
-            **_model_ref(state),
-            "source": state.info["source"], "run_id": state.info.get("run_id"),
-            "checkpoint_sha256": state.info["checkpoint_sha256"], "backbone": state.info.get("backbone"),
-            "embed_dim": state.info["embed_dim"], "loaded_at": state.info["loaded_at"],
-            "gallery": {"size": len(state.gallery.ids), "source": state.gallery.source},
-            "reference": ({"size": len(state.reference.ids), "source": state.reference.source}
-                          if state.reference is not None else None),
-            "threshold": state.threshold, "k": state.score_config.k, "reduction": state.score_config.reduction,
-            "calibrated": state.calibrated, "device": str(state.device), "forward": state.info.get("forward"),
-            "batching": {"max_batch_size": self._embed_batch._get_max_batch_size(),
-                         "batch_wait_timeout_s": self._embed_batch._get_batch_wait_timeout_s(),
-                         "max_ongoing_requests": _max_ongoing_requests(), **self.stats.as_dict()},
+            **_model_ref(state), "registered_model": info.get("registered_model"),
+            "description": det.describe(), "settings": det.meta.settings,
+            "metrics": _finite(det.meta.metrics), "threshold": state.threshold,
+            "detector_threshold": det.threshold, "threshold_method": det.meta.threshold_method,
+            "signal": det.meta.signal, "created_at": det.meta.created_at,
+            "source": info["source"], "run_id": info.get("run_id"), "arrays_sha256": info["arrays_sha256"],
+            "loaded_at": info["loaded_at"], "load_seconds": info["load_seconds"],
+            "gallery": {"size": len(det.gallery_ids), "source": info["gallery_source"]},
+            "reference": {"size": len(det.reference_ids), "source": info["reference_source"]},
+            "batching": {"max_batch_size": self._score_batch._get_max_batch_size(),
+                         "batch_wait_timeout_s": self._score_batch._get_batch_wait_timeout_s(),
+                         **self.stats.as_dict()},
             "limits": {"max_image_bytes": cfg.max_image_bytes, "max_image_pixels": cfg.max_image_pixels,
                        "max_images_per_request": cfg.max_images_per_request},
             "auth": bool(self._token), "reload": cfg.reload, "reload_error": self._reload_error,
-            "swaps": self._swaps[-10:], "replica": ctx.replica_tag, "torch_threads": torch.get_num_threads(),
+            "swaps": self._swaps[-10:], "replica": serve.get_replica_context().replica_tag,
+            "torch_threads": torch.get_num_threads(),
         }
 
     @api.post("/v1/stats/reset", summary="Forget the batch-size statistics of the replica that answers")
@@ -499,14 +468,14 @@ class FingerprintService:
         self.stats.reset()
         return {"reset": True, "replica": serve.get_replica_context().replica_tag}
 
-    @api.get("/healthz", summary="200 when a model is loaded and serving")
+    @api.get("/healthz", summary="200 when a detector is loaded and serving")
     async def healthz(self) -> JSONResponse:
         if self._state is None:
             return _error(503, "not_ready", "the model is still loading")
         return JSONResponse({"status": "ok", "model": _model_ref(self._state), "reload_error": self._reload_error})
 
     def check_health(self) -> None:
-        """Serve's own health probe: a replica without a model is not healthy."""
+        """Serve's own health probe: a replica without a detector is not healthy."""
         if self._state is None:
             raise RuntimeError("no model loaded")
 
@@ -516,15 +485,17 @@ class FingerprintService:
 
 
 DEPLOYMENT_ARGS = ("num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests",
-                   "max_ongoing_requests", "num_cpus")
+                   "max_ongoing_requests", "num_cpus", "max_surge_percent")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder: `args` holds ServeConfig fields (the user_config) and deployment options.
 
     Deployment options: num_replicas (default 1), or min_replicas/max_replicas/target_ongoing_requests for
-    autoscaling; max_ongoing_requests (default 64); num_cpus per replica (default 1).
-    Usable as `serve run serve.app:build_app checkpoint=... gallery=...` or from Python.
+    autoscaling; max_ongoing_requests (default 64); num_cpus per replica (default 1); max_surge_percent
+    (default 100: a redeploy through `serve.run`, which replaces replicas, starts each new replica before its
+    old one stops, so capacity never drops).
+    Usable as `serve run serve.app:build_app detector=...` or from Python.
     """
     args = dict(args)
     dep = {k: args.pop(k) for k in DEPLOYMENT_ARGS if k in args}
@@ -533,6 +504,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "user_config": {k: v for k, v in vars(user_config).items() if v != getattr(ServeConfig, k, None)},
         "max_ongoing_requests": int(dep.get("max_ongoing_requests", DEFAULT_MAX_ONGOING_REQUESTS)),
         "ray_actor_options": {"num_cpus": float(dep.get("num_cpus", 1))},
+        "max_surge_percent": int(dep.get("max_surge_percent", 100)),
     }
     if "min_replicas" in dep or "max_replicas" in dep:
         options["autoscaling_config"] = {
@@ -551,8 +523,8 @@ DEFAULT_USER_CONFIG: dict[str, Any] = {
     "registered_model": "fingerprint",
     "alias": "champion",
     "tracking_uri": "sqlite:///mlflow.db",
-    "gallery": "data/sample",
-    "reference": "data/sample",
+    "gallery": "",
+    "reference": "",
     "max_batch_size": 16,
     "batch_wait_timeout_s": 0.01,
     "reload": 0,

@@ -1,6 +1,7 @@
 """Bounded load test of the scoring service on loopback, beside the offline batched forward (the ceiling).
 
     python -m serve.bench --out benchmarks/results              # lite0 at 64 px, phantom data, 1/8/32 per request
+    python -m serve.bench --detector runs/fit/detector --data data/sample   # a saved frozen/triplet detector
     python -m serve.bench --image-size 224 --name tf_efficientnet_lite0-224-batch2 --max-batch-size 2 \
         --images-per-request 1,8 --concurrency 1,4,16 --offline-batch-sizes 1,2,4,16   # a heavier forward
 
@@ -11,7 +12,9 @@ p50/p95/p99, errors, the batch sizes the replicas observed, where the CPU time w
 load generator, Ray's own processes, anything else on the machine, from /proc), and throughput as a
 fraction of the offline ceiling.
 
-The ceiling is the best forward pass of the same model on pre-processed batches that this machine manages,
+The service runs a network kind's eager forward inside `Detector.score`; the offline ceiling also measures a
+TorchScript trace of the same network, to show what tracing would add. The ceiling is the best forward pass of
+the same network on pre-processed batches that this machine manages,
 measured before and after the service runs (the spread shows how much other load moved it): eager and
 traced, at several batch sizes, as one process using every core and as one single-threaded process per
 replica running at once. The service is held to the best of all of these, not to the layout it happens to use.
@@ -48,15 +51,16 @@ THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 
 @dataclass
 class BenchConfig:
-    checkpoint: str = ""
-    """Checkpoint to serve; empty builds an untrained one from --backbone/--image-size/--embed-dim (the
-    forward pass costs the same whatever the weights)."""
+    detector: str = ""
+    """Saved network detector (kind frozen or triplet) to serve; empty builds an untrained triplet detector from
+    --backbone/--image-size/--embed-dim, indexed on --data (the forward pass costs the same whatever the
+    weights)."""
     backbone: str = "tf_efficientnet_lite0"
-    """timm backbone of the untrained checkpoint."""
+    """timm backbone of the untrained detector."""
     image_size: int = 64
-    """Input size of the untrained checkpoint (the shared CT benchmarks are 64 px)."""
+    """Input size of the untrained detector (the shared CT benchmarks are 64 px)."""
     embed_dim: int = 128
-    """Embedding size of the untrained checkpoint."""
+    """Embedding size of the untrained detector."""
     data: str = ""
     """Benchmark folder: its test real images are the requests, its generated images the gallery. Empty makes
     a phantom benchmark in a temporary folder."""
@@ -98,8 +102,8 @@ class BenchConfig:
 
     def problems(self) -> list[str]:
         out = []
-        if self.checkpoint and not Path(self.checkpoint).exists():
-            out.append(f"{flag('checkpoint')}: '{self.checkpoint}' does not exist")
+        if self.detector and not Path(self.detector).exists():
+            out.append(f"{flag('detector')}: '{self.detector}' does not exist")
         if self.data and not Path(self.data).exists():
             out.append(f"{flag('data')}: '{self.data}' does not exist")
         for name in ("offline_threads", "replicas"):
@@ -129,20 +133,56 @@ def _ints(text: str) -> list[int]:
 # Inputs
 
 
-def make_checkpoint(config: BenchConfig, out: Path) -> Path:
-    """An untrained checkpoint with the given backbone and input size (k=5, uncalibrated, threshold 0)."""
-    from fingerprint.backbones import create_embedder, data_config
-    from fingerprint.checkpoint import save_checkpoint
-    from fingerprint.config import ModelConfig, TrainConfig, to_dict
+def make_detector(config: BenchConfig, data: Path, out: Path) -> Path:
+    """An untrained triplet detector (random weights, k=5, uncalibrated, threshold 0) indexed on `data`."""
+    from fingerprint.detectors import create_detector
+    from serve.model import reindex
 
-    mc = ModelConfig(backbone=config.backbone, weights="none", embed_dim=config.embed_dim,
-                     image_size=config.image_size, in_chans=1)
-    model = create_embedder(mc)
-    train_cfg = TrainConfig(**to_dict(mc), data="(none)", calibrate=False)
-    meta = {"config": to_dict(train_cfg), "data_config": data_config(model, mc),
-            "score": {"k": 5, "reduction": "mean", "calibrate": False, "threshold": 0.0}, "metrics": {},
-            "epoch": 0, "split": {}}
-    return save_checkpoint(out / "checkpoint", model, meta)
+    det = create_detector("triplet", {"backbone": config.backbone, "weights": "none", "image_size": config.image_size,
+                                      "embed_dim": config.embed_dim, "k": 5, "calibrate": False, "device": "cpu"})
+    det.build("none")
+    reindex(det, data)
+    det.meta.extra["name"] = f"untrained {config.backbone}"
+    return det.save(out / "detector")
+
+
+def _network(detector: str | Path) -> tuple[Any, Any, tuple[int, ...]]:
+    """The forward module, preprocessing and input size of a saved network detector."""
+    from fingerprint.detectors import load_detector
+    from fingerprint.predict import resolve_detector
+
+    det = load_detector(resolve_detector(detector))
+    if not hasattr(det, "forward_module"):
+        raise ValueError(f"--detector: a {det.kind} detector has no network to measure; give a frozen or "
+                         "triplet detector, or leave --detector empty for an untrained one")
+    return det.forward_module().eval(), det.transform, tuple(det.meta.extra["data_config"]["input_size"])
+
+
+def trace_model(model: Any, input_size: tuple[int, ...], device: Any) -> tuple[Any, str]:
+    """A TorchScript trace of `model` if it reproduces the eager outputs exactly enough, else the model itself.
+
+    Returns (callable, what was chosen and why). Only on CPU. The service does not trace (see serve/app.py);
+    the offline ceiling uses this to show what a trace would gain.
+    """
+    import warnings
+
+    import torch
+
+    if device.type != "cpu":
+        return model, "eager (tracing is used on CPU only)"
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.rand((3, *input_size), generator=gen)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings about Python-level branches: checked below instead
+            traced = torch.jit.trace(model, probe[:2], check_trace=False)
+            # A different batch size than the trace's, so a batch dimension baked into the graph shows.
+            diff = float((traced(probe) - model(probe)).abs().max())
+    except Exception as e:  # any model timm can build may not trace; eager always works
+        return model, f"eager (tracing failed: {type(e).__name__}: {str(e)[:200]})"
+    if not diff <= 1e-6:
+        return model, f"eager (the trace differs from the model by {diff:.2e})"
+    return traced, "torchscript trace"
 
 
 def make_data(out: Path) -> Path:
@@ -172,7 +212,7 @@ def _multipart(paths: list[Path], boundary: str = "fingerprintbenchboundary") ->
 # Offline ceiling
 
 
-def _forward_rates(checkpoint: str, images: list[str], batch_sizes: list[int], threads: int, min_seconds: float,
+def _forward_rates(detector: str, images: list[str], batch_sizes: list[int], threads: int, min_seconds: float,
                    barrier: Any = None) -> dict[str, dict[str, float]]:
     """Images/s of the eager and the traced forward pass on pre-processed batches, by batch size.
 
@@ -181,16 +221,12 @@ def _forward_rates(checkpoint: str, images: list[str], batch_sizes: list[int], t
     """
     import torch
 
-    from fingerprint.checkpoint import load_checkpoint
     from fingerprint.data import load_image
-    from fingerprint.transforms import Preprocess
-    from serve.model import trace_model
 
     torch.set_num_threads(threads)
-    ckpt = load_checkpoint(checkpoint)
-    model = ckpt.model.eval()
-    inputs = Preprocess(ckpt.meta["data_config"]).batch([load_image(p) for p in images])
-    fast, _ = trace_model(model, tuple(ckpt.meta["data_config"]["input_size"]), torch.device("cpu"))
+    model, transform, input_size = _network(detector)
+    inputs = transform.batch([load_image(p) for p in images])
+    fast, _ = trace_model(model, input_size, torch.device("cpu"))
     rates: dict[str, dict[str, float]] = {"eager": {}, "traced": {}}
     with torch.no_grad():
         for bs in batch_sizes:
@@ -224,10 +260,10 @@ def _forward_rates_worker(args: tuple[Any, ...], barrier: Any, queue: Any) -> No
         raise
 
 
-def forward_rates(checkpoint: Path, images: list[Path], batch_sizes: list[int], threads: int, processes: int = 1,
+def forward_rates(detector: Path, images: list[Path], batch_sizes: list[int], threads: int, processes: int = 1,
                   min_seconds: float = 4.0) -> dict[str, dict[str, float]]:
     """`_forward_rates` of `processes` processes with `threads` threads each, running at once, summed."""
-    args = (str(checkpoint), [str(p) for p in images], batch_sizes, threads, min_seconds)
+    args = (str(detector), [str(p) for p in images], batch_sizes, threads, min_seconds)
     if processes == 1:
         import torch
 
@@ -257,26 +293,23 @@ def forward_rates(checkpoint: Path, images: list[Path], batch_sizes: list[int], 
     return {net: {bs: sum(r[net][bs] for r in results) for bs in results[0][net]} for net in results[0]}
 
 
-def offline_ceiling(checkpoint: Path, images: list[Path], batch_sizes: list[int], threads: int,
+def offline_ceiling(detector: Path, images: list[Path], batch_sizes: list[int], threads: int,
                     processes: int = 1, min_seconds: float = 4.0) -> dict[str, Any]:
     """The best offline forward over layouts (1 process x `threads`; `processes` x 1 thread), forwards and
     batch sizes, plus decode + pre-process + forward in one process (what a service without HTTP could do)."""
     import torch
 
-    from fingerprint.checkpoint import load_checkpoint
     from fingerprint.data import load_image
-    from fingerprint.transforms import Preprocess
 
-    layouts = {f"1x{threads}": forward_rates(checkpoint, images, batch_sizes, threads, 1, min_seconds)}
+    layouts = {f"1x{threads}": forward_rates(detector, images, batch_sizes, threads, 1, min_seconds)}
     if processes > 1:
-        layouts[f"{processes}x1"] = forward_rates(checkpoint, images, batch_sizes, 1, processes, min_seconds)
+        layouts[f"{processes}x1"] = forward_rates(detector, images, batch_sizes, 1, processes, min_seconds)
     best = max(((rate, layout, net, bs) for layout, nets in layouts.items() for net, by_bs in nets.items()
                 for bs, rate in by_bs.items()), key=lambda t: t[0])
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ckpt = load_checkpoint(checkpoint)
-        model, tf = ckpt.model.eval(), Preprocess(ckpt.meta["data_config"])
+        model, tf, _ = _network(detector)
         bs = int(best[3])
         with torch.no_grad():
             n, t0 = 0, time.perf_counter()
@@ -431,7 +464,7 @@ def _replica_batching(base: str, replicas: int) -> dict[str, Any]:
             "max_observed_batch_size": max(histogram) if histogram else None}
 
 
-def serve_cells(config: BenchConfig, checkpoint: Path, data: Path, images: list[Path]) -> list[dict[str, Any]]:
+def serve_cells(config: BenchConfig, detector: Path, data: Path, images: list[Path]) -> list[dict[str, Any]]:
     import ray
     from ray import serve
 
@@ -448,24 +481,26 @@ def serve_cells(config: BenchConfig, checkpoint: Path, data: Path, images: list[
     os.environ[THROUGHPUT_ENV] = "1" if config.throughput_optimized else "0"
     cells = []
     try:
-        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        # With the dashboard: serve.deploy applies configs through Serve's REST API, as `serve deploy` does.
+        ctx = ray.init(address="local", num_cpus=cores, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=_free_port(), log_to_driver=False)
+        dashboard = f"http://{ctx.dashboard_url}"
         for mode, mbs in (("batched", config.max_batch_size), ("max_batch_size=1", 1)):
             cfg = load_config(
-                user_config={"checkpoint": str(checkpoint), "registered_model": "", "gallery": str(data),
-                             "reference": "", "calibrate": "no", "max_batch_size": mbs,
+                user_config={"detector": str(detector), "registered_model": "", "max_batch_size": mbs,
                              "batch_wait_timeout_s": config.batch_wait_timeout_s if mbs > 1 else 0.0,
                              "torch_threads": config.torch_threads, "auth_token_env": "",
                              "max_images_per_request": max(64, *bodies)},
                 deployment={"num_replicas": replicas, "max_ongoing_requests": max(64, 2 * config.max_batch_size),
                             "ray_actor_options": {"num_cpus": cores / replicas}})
             cfg["http_options"]["port"] = port
-            deploy_config(cfg)
+            deploy_config(cfg, address=dashboard)
             running = serve.status().applications[cfg["applications"][0]["name"]].deployments
             if sum(d.replica_states.get("RUNNING", 0) for d in running.values()) != replicas:
                 raise RuntimeError(f"asked for {replicas} replicas, Serve runs {running}")
             info = _get_json(f"{base}/v1/model")
-            forward = info["forward"]
-            log.info("%s: serving %s (%s) on %d replica(s), gallery %d, threads %d", mode, info["backbone"], forward,
+            forward = "eager, inside Detector.score"
+            log.info("%s: serving %s (%s) on %d replica(s), gallery %d, threads %d", mode, info["name"], info["kind"],
                      replicas, info["gallery"]["size"], info["torch_threads"])
             for n, c in [(n, c) for n in bodies for c in _ints(config.concurrency)]:
                 _ask_each_replica(lambda: _post(f"{base}/v1/stats/reset"), replicas)
@@ -557,22 +592,22 @@ def main(config: BenchConfig) -> Path:
     name = config.name or f"{config.backbone}-{config.image_size}"
     with tempfile.TemporaryDirectory(prefix="fingerprint-bench-") as tmp:
         tmp_path = Path(tmp)
-        checkpoint = Path(config.checkpoint) if config.checkpoint else make_checkpoint(config, tmp_path)
         data = Path(config.data) if config.data else make_data(tmp_path)
+        detector = Path(config.detector) if config.detector else make_detector(config, data, tmp_path)
         images = _request_images(data)
         load_before = os.getloadavg()[0]
         batch_sizes = _ints(config.offline_batch_sizes)
         threads = config.offline_threads or os.cpu_count() or 1
         processes = config.replicas or os.cpu_count() or 1
-        before = offline_ceiling(checkpoint, images, batch_sizes, threads, processes, config.offline_seconds)
+        before = offline_ceiling(detector, images, batch_sizes, threads, processes, config.offline_seconds)
         log.info("offline before: %s", before)
-        cells = serve_cells(config, checkpoint, data, images)
-        after = offline_ceiling(checkpoint, images, batch_sizes, threads, processes, config.offline_seconds)
+        cells = serve_cells(config, detector, data, images)
+        after = offline_ceiling(detector, images, batch_sizes, threads, processes, config.offline_seconds)
         log.info("offline after: %s", after)
     result = {
         "name": name, "config": asdict(config),
         "model": f"{config.backbone} at {config.image_size} px, embed {config.embed_dim}"
-        if not config.checkpoint else f"checkpoint {config.checkpoint}",
+        if not config.detector else f"detector {config.detector}",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "cores": os.cpu_count(),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -1,10 +1,11 @@
 """`fingerprint serve`: run the scoring service on this machine (Ray starts in-process; Ctrl-C stops it).
 
-    fingerprint serve --checkpoint runs/s1/checkpoint --gallery data/sample --reference data/sample
-    fingerprint serve --registered-model fingerprint-ctbench --tracking-uri sqlite:///mlflow.db \
-        --gallery data/sample --reference data/sample --port 8000
+    fingerprint serve --detector runs/fit/detector            # any kind, with the gallery it saved
+    fingerprint serve --detector runs/fit --gallery data/other  # re-indexed on another benchmark folder
+    fingerprint serve --registered-model fingerprint-ctbench --tracking-uri sqlite:///mlflow.db --port 8000
 
-For a long-lived cluster use `serve deploy serve/config.yaml` instead (see serve/app.py).
+`--checkpoint` still works: it is the old name of `--detector`. For a long-lived cluster use
+`serve deploy serve/config.yaml` instead (see serve/app.py and serve/deploy.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class ServeCommandConfig(ServeConfig):
     port: int = 8000
     """HTTP port."""
     num_replicas: int = 1
-    """Replicas of the deployment (each holds the model and the gallery)."""
+    """Replicas of the deployment (each holds the detector and its gallery)."""
     max_replicas: int = 0
     """Above --num-replicas: autoscale between the two on ongoing requests; 0 = fixed --num-replicas."""
     max_ongoing_requests: int = 64

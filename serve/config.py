@@ -1,35 +1,47 @@
 """The serving settings: the deployment's `user_config`, one typed dataclass with a docstring per field.
 
-Everything here can change on a running deployment (`serve deploy` with an edited config, or `serve.run` again):
-Serve calls `reconfigure(user_config)` on every replica, which applies batch settings at once and reloads the
-model and gallery only when their sources (or `reload`) changed. Deployment options (replicas, autoscaling,
-`max_ongoing_requests`, CPUs) are Serve's own and live beside `user_config` in serve/config.yaml.
+One source of truth: the dataclass below. `fingerprint serve --help` builds one flag per field from it (with the
+field's docstring as help), and a YAML `user_config` is validated against the same class by pydantic
+(`from_user_config`: unknown keys are refused, YAML and string values are coerced to the field's type, and every
+problem names its `user_config.<field>`). Bounds and cross-field rules live in `ServeConfig.problems`.
+
+Everything here can change on a running deployment (`serve deploy` with an edited config, or
+`serve.deploy.reload_app`): Serve calls `reconfigure(user_config)` on every replica, which applies batch settings
+at once and reloads the detector only when its source, its gallery or `reload` changed. Deployment options
+(replicas, autoscaling, `max_ongoing_requests`, CPUs) are Serve's own and live beside `user_config` in
+serve/config.yaml.
 
 Model source, one of:
-    checkpoint: runs/s1/checkpoint                       # a folder from `fingerprint train`
+    detector: runs/fit/detector                          # a folder from `fingerprint fit` / `train` (any kind)
     registered_model: fingerprint-ctbench                # the MLflow registry (alias resolved at load time)
     alias: champion
     tracking_uri: sqlite:///mlflow.db
+
+`checkpoint` is the old name of `detector` (scripts and configs that set it keep working).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from fingerprint.config import ConfigError, flag, validate
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from fingerprint.config import ConfigError, Range, check_fields, flag, validate
 
 TOKEN_ENV = "FINGERPRINT_SERVE_TOKEN"
-EMBEDDING_SUFFIXES = (".npz", ".npy")
 
 
 @dataclass
 class ServeConfig:
+    detector: str = ""
+    """Saved detector to serve, any kind: the folder written by `fingerprint fit` / `fingerprint train`
+    (meta.json + arrays.safetensors + ids.json) or the run folder holding it in detector/. Leave empty to load
+    the registered model's alias instead."""
     checkpoint: str = ""
-    """Checkpoint folder written by `fingerprint train` (model.pt + meta.json). Leave empty to load the
-    registered model's alias instead."""
+    """Old name of --detector, kept so existing scripts and configs work; give one of the two."""
     registered_model: str = ""
     """MLflow registered model to serve; its --alias is resolved to a concrete version when the model loads."""
     alias: str = "champion"
@@ -37,82 +49,65 @@ class ServeConfig:
     tracking_uri: str = ""
     """MLflow tracking URI holding the registry (e.g. sqlite:///mlflow.db); empty uses MLFLOW_TRACKING_URI."""
     gallery: str = ""
-    """The generated images to compare against: a folder of images, a test/benchmark folder (its generated
-    images; test then dev, as `fingerprint predict` uses them), or saved embeddings (.npz with 'embeddings' and
-    'ids', or .npy with --gallery-ids). Saved embeddings must come from the served model."""
-    gallery_ids: str = ""
-    """Text file with one id per line for a .npy --gallery (default: row numbers)."""
+    """Optional. Empty (the default) serves the gallery and reference pool saved in the detector: start-up
+    reads no images. A benchmark or test folder (as `fingerprint predict --data` reads it) re-indexes the
+    detector on it instead: its generated images become the gallery and, unless --reference is given, its real
+    images the reference pool. What the detector learnt (weights, threshold, chosen members) is kept."""
     reference: str = ""
-    """Real images for calibrated scores (the pool each query's real-neighbour similarity is measured in): a
-    folder of images, a benchmark folder (all its real images), or saved embeddings (.npz/.npy). Needed when the
-    checkpoint calibrates, unless --calibrate no."""
-    calibrate: Literal["checkpoint", "yes", "no"] = "checkpoint"
-    """Calibrate scores against --reference: 'checkpoint' does what the model was validated with."""
-    k: int | None = None
-    """Nearest generated images per score; None uses the checkpoint's k (and its threshold stays meaningful)."""
+    """Optional, with --gallery only: a benchmark or test folder whose real images become the reference pool
+    (default: the --gallery folder's real images)."""
     threshold: float | None = None
-    """Decision threshold; None uses the checkpoint's."""
-    max_batch_size: int = 16
-    """Most images embedded in one forward pass (dynamic batching); keep <= the deployment's
+    """Decision threshold; None uses the detector's."""
+    max_batch_size: Annotated[int, Range(1)] = 16
+    """Most images scored in one detector call (dynamic batching); keep <= the deployment's
     max_ongoing_requests or batches can never fill."""
-    batch_wait_timeout_s: float = 0.01
+    batch_wait_timeout_s: Annotated[float, Range(0, 10)] = 0.01
     """How long the first image of a batch waits for others before the batch runs anyway."""
-    max_image_bytes: int = 8 * 1024 * 1024
+    max_image_bytes: Annotated[int, Range(1)] = 8 * 1024 * 1024
     """Largest accepted encoded image (bytes); larger uploads get HTTP 413."""
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: Annotated[int, Range(1)] = 4096 * 4096
     """Largest accepted image area (width x height) before decoding: guards against decompression bombs."""
-    max_images_per_request: int = 64
+    max_images_per_request: Annotated[int, Range(1)] = 64
     """Most images in one request."""
     auth_token: str = ""
     """Bearer token that requests must send (Authorization: Bearer ...). Prefer --auth-token-env: a token
     written here is visible to anyone who can read the Serve config. Empty with an empty variable = no auth."""
     auth_token_env: str = TOKEN_ENV
     """Environment variable (read in each replica) holding the bearer token; used when --auth-token is empty."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    torch_threads: int = 0
-    """Intra-op threads for the forward pass; 0 keeps what Ray set (the replica's num_cpus)."""
-    trace: bool = True
-    """On CPU, run the forward as a TorchScript trace: the same kernels without Python between them, so the
-    forward releases the GIL and the replica keeps reading requests (and filling the next batch) while it runs.
-    Checked against the eager model at load; eager is used if tracing fails or the outputs differ."""
+    torch_threads: Annotated[int, Range(0)] = 0
+    """Intra-op threads for network kinds' forward pass; 0 keeps what Ray set (the replica's num_cpus)."""
     reload: int = 0
-    """Change this number to reload: re-resolve the alias (hot swap after `fingerprint promote`), re-read
-    the checkpoint, gallery and reference. Requests in flight finish on the model they started with."""
+    """Change this number to reload: re-resolve the alias (hot swap after `fingerprint promote`), re-read the
+    detector and its gallery. Requests in flight finish on the detector they started with."""
+
+    # Validation of a YAML user_config by pydantic (not a field: no annotation).
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
     def problems(self) -> list[str]:
-        out = []
-        if bool(self.checkpoint) == bool(self.registered_model):
-            out.append(f"{flag('checkpoint')} / {flag('registered_model')}: give exactly one model source "
-                       f"(got {'both' if self.checkpoint else 'neither'})")
-        if self.checkpoint and not Path(self.checkpoint).exists():
-            out.append(f"{flag('checkpoint')}: '{self.checkpoint}' does not exist")
+        out = check_fields(self)
+        if self.detector and self.checkpoint and Path(self.detector) != Path(self.checkpoint):
+            out.append(f"{flag('detector')} / {flag('checkpoint')}: --checkpoint is the old name of --detector; "
+                       "give one of them")
+        local = self.detector_path()
+        if bool(local) == bool(self.registered_model):
+            out.append(f"{flag('detector')} / {flag('registered_model')}: give exactly one model source "
+                       f"(got {'both' if local else 'neither'})")
+        if local and not Path(local).exists():
+            out.append(f"{flag('detector')}: '{local}' does not exist")
         if self.registered_model and not self.alias:
             out.append(f"{flag('alias')}: required with {flag('registered_model')} (e.g. champion)")
-        if not self.gallery:
-            out.append(f"{flag('gallery')}: required, a folder of generated images or saved embeddings")
-        elif not Path(self.gallery).exists():
+        if self.gallery and not Path(self.gallery).exists():
             out.append(f"{flag('gallery')}: '{self.gallery}' does not exist")
-        if self.gallery_ids and not Path(self.gallery_ids).is_file():
-            out.append(f"{flag('gallery_ids')}: '{self.gallery_ids}' is not a file")
-        if self.reference and not Path(self.reference).exists():
+        if self.reference and not self.gallery:
+            out.append(f"{flag('reference')}: only used with {flag('gallery')} (a re-index); without it the "
+                       "detector's saved reference pool is served")
+        elif self.reference and not Path(self.reference).exists():
             out.append(f"{flag('reference')}: '{self.reference}' does not exist")
-        if self.calibrate not in ("checkpoint", "yes", "no"):
-            out.append(f"{flag('calibrate')}: one of checkpoint, yes, no (got {self.calibrate!r})")
-        if self.k is not None and self.k < 1:
-            out.append(f"{flag('k')}: must be >= 1 (got {self.k})")
-        if self.max_batch_size < 1:
-            out.append(f"{flag('max_batch_size')}: must be >= 1 (got {self.max_batch_size})")
-        if not 0.0 <= self.batch_wait_timeout_s <= 10.0:
-            out.append(f"{flag('batch_wait_timeout_s')}: must be in [0, 10] seconds (got {self.batch_wait_timeout_s})")
-        for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request"):
-            if getattr(self, name) < 1:
-                out.append(f"{flag(name)}: must be >= 1 (got {getattr(self, name)})")
-        if self.device not in ("auto", "cpu", "cuda"):
-            out.append(f"{flag('device')}: one of auto, cpu, cuda (got {self.device!r})")
-        if self.torch_threads < 0:
-            out.append(f"{flag('torch_threads')}: must be >= 0 (got {self.torch_threads})")
         return out
+
+    def detector_path(self) -> str:
+        """The local detector folder (--detector, or its old name --checkpoint); '' for the registry."""
+        return self.detector or self.checkpoint
 
     def token(self) -> str:
         """The bearer token requests must carry ('' = authentication off)."""
@@ -120,60 +115,34 @@ class ServeConfig:
 
     def model_source(self) -> tuple[str, ...]:
         """What identifies the model to load (the alias is resolved later, at load time)."""
-        if self.checkpoint:
-            return ("checkpoint", str(Path(self.checkpoint).resolve()))
+        if self.detector_path():
+            return ("detector", str(Path(self.detector_path()).resolve()))
         return ("registry", self.tracking_uri, self.registered_model, self.alias)
 
     def data_source(self) -> tuple[Any, ...]:
-        """Everything whose change needs the model state rebuilt (gallery, reference, scoring, device)."""
-        return (self.model_source(), self.gallery, self.gallery_ids, self.reference, self.calibrate, self.k,
-                self.device, self.trace, self.reload)
+        """Everything whose change needs the model state rebuilt (model, gallery, reference, reload)."""
+        return (self.model_source(), self.gallery, self.reference, self.threshold, self.reload)
+
+
+_ADAPTER = TypeAdapter(ServeConfig)
 
 
 def from_user_config(user_config: dict[str, Any] | None) -> ServeConfig:
-    """Validate a `user_config` dict: unknown keys and bad values are one ConfigError listing each."""
+    """Validate a `user_config` mapping: every unknown key and bad value in one ConfigError naming each."""
     if user_config is None:
         user_config = {}
     if not isinstance(user_config, dict):
         raise ConfigError([f"user_config: expected a mapping of settings, got {type(user_config).__name__}"])
-    known = {f.name: f for f in fields(ServeConfig)}
-    problems = [f"user_config.{k}: unknown setting; known: {', '.join(known)}" for k in user_config if k not in known]
-    values = {k: v for k, v in user_config.items() if k in known}
-    # YAML gives ints where floats are meant (batch_wait_timeout_s: 0) and users write numbers as strings.
-    for name, value in list(values.items()):
-        default = known[name].default
-        if value is None or isinstance(default, str) or name in ("k", "threshold"):
-            continue
-        if isinstance(default, bool):
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                values[name] = value.lower() in ("true", "yes", "1")
-            elif not isinstance(value, bool):
-                problems.append(f"user_config.{name}: expected true or false, got {value!r}")
-        elif isinstance(value, bool):
-            problems.append(f"user_config.{name}: expected a number, got {value!r}")
-        elif isinstance(default, float):
-            try:
-                values[name] = float(value)
-            except (TypeError, ValueError):
-                problems.append(f"user_config.{name}: expected a number, got {value!r}")
-        elif isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer() or not isinstance(value, int | float | str):
-                problems.append(f"user_config.{name}: expected an integer, got {value!r}")
-                continue
-            try:
-                values[name] = int(value)
-            except ValueError:
-                problems.append(f"user_config.{name}: expected an integer, got {value!r}")
-    for name, kind in (("k", int), ("threshold", float)):
-        if values.get(name) is not None:
-            try:
-                values[name] = kind(values[name])
-            except (TypeError, ValueError):
-                problems.append(f"user_config.{name}: expected a number or null, got {values[name]!r}")
-    for name in ("checkpoint", "registered_model", "alias", "tracking_uri", "gallery", "gallery_ids", "reference",
-                 "calibrate", "auth_token", "auth_token_env", "device"):
-        if name in values and not isinstance(values[name], str):
-            problems.append(f"user_config.{name}: expected a string, got {values[name]!r}")
-    if problems:
-        raise ConfigError(problems)
-    return validate(ServeConfig(**values))
+    try:
+        config = _ADAPTER.validate_python(user_config)
+    except ValidationError as e:
+        known = ", ".join(ServeConfig.__dataclass_fields__)
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+                problems.append(f"user_config.{where}: unknown setting; known: {known}")
+            else:
+                problems.append(f"user_config.{where}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(problems) from None
+    return validate(config)

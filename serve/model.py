@@ -1,12 +1,15 @@
-"""What a replica serves, without Ray: the loaded model, its gallery and reference pool, and image decoding.
+"""What a replica serves, without Ray: the loaded detector (any registered kind) and image decoding.
 
-`load_state(config)` resolves the model source (a checkpoint folder, or a registry alias resolved to one concrete
-version), loads the network, and embeds (or reads) the gallery of generated images and the real reference pool.
-A `ModelState` is immutable once built: a hot swap builds a new one and replaces a single reference, so a
-request that started on the old state finishes on it, gallery and threshold included.
+`load_state(config)` resolves the model source (a detector folder, or a registry alias resolved to one concrete
+version) and loads the detector with `fingerprint.detectors.load_detector`. A saved detector carries its gallery
+(the generated images' features, `gallery_ids`) and its real reference pool, so start-up reads no images; with
+`gallery` set, the detector is re-indexed on that folder exactly as `fingerprint predict --data` does it.
 
-Scores are computed by `fingerprint.scoring.membership_scores` on the same embeddings `fingerprint predict`
-computes, so the service and the batch command agree to float precision.
+A `ModelState` is immutable once built: a hot swap builds a new one and replaces a single reference, so a request
+that started on the old state finishes on it, kind, gallery and threshold included.
+
+Scores are `Detector.score(images, ids)`, the call `fingerprint predict` makes, with the same ids (an uploaded
+file's id is its file name without the image extension), so the service and the batch command agree.
 """
 
 from __future__ import annotations
@@ -17,23 +20,18 @@ import logging
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image
 
 from fingerprint import data as fpdata
-from fingerprint.checkpoint import Checkpoint, load_checkpoint
-from fingerprint.config import ConfigError, ScoreConfig, flag, from_dict
-from fingerprint.embedding import autocast, embed_images, resolve_device
-from fingerprint.io import write_bytes_atomic
-from fingerprint.predict import resolve_checkpoint
-from fingerprint.scoring import Scores, membership_scores, normalize
-from fingerprint.transforms import Preprocess
-from serve.config import EMBEDDING_SUFFIXES, ServeConfig
+from fingerprint.config import ConfigError, flag
+from fingerprint.detectors import Detector, load_detector
+from fingerprint.imagesets import benchmark_items, real_groups
+from fingerprint.predict import resolve_detector
+from serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +48,14 @@ class InputError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------
 # Decoding uploads
+
+
+def item_id(name: str) -> str:
+    """The id of an uploaded image: its name without an image extension, as `fingerprint predict` names files
+    (``real_unknown_0001.png`` -> ``real_unknown_0001``). The id is what a detector uses to recognise an image
+    of its own reference pool (which is then never compared with itself)."""
+    path = Path(name)
+    return name[: -len(path.suffix)] if path.suffix.lower() in fpdata.IMAGE_SUFFIXES else name
 
 
 def decode_image(data: bytes, item: str, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -97,240 +103,104 @@ def decode_image(data: bytes, item: str, max_bytes: int, max_pixels: int) -> Ima
 
 
 @dataclass(frozen=True)
-class Embeddings:
-    """L2-normalised embeddings with their ids and where they came from."""
-
-    vectors: np.ndarray
-    ids: list[str]
-    source: str
-
-
-@dataclass
 class ModelState:
-    """One loaded model version with everything scoring needs. Treated as immutable after `load_state`."""
+    """One loaded detector version with what the API reports about it. Treated as immutable once built."""
 
-    checkpoint: Checkpoint
-    transform: Preprocess
-    device: torch.device
-    score_config: ScoreConfig
+    detector: Detector
     threshold: float
-    gallery: Embeddings
-    reference: Embeddings | None
-    info: dict[str, Any]
-    """name, version, alias, source, checkpoint_sha256, run_id, loaded_at, forward: reported by the API."""
-    forward: Any = None
-    """The callable the service runs (a checked TorchScript trace, or the model itself)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """registered_model, version, alias, source, run_id, arrays_sha256, gallery/reference sources, loaded_at."""
 
     @property
     def version(self) -> str:
         return str(self.info.get("version") or "")
 
     @property
-    def calibrated(self) -> bool:
-        return self.score_config.calibrate
+    def kind(self) -> str:
+        return self.detector.kind
 
-    def pixels(self, image: Image.Image) -> torch.Tensor:
-        """The per-image part of preprocessing (resize, crop): uint8 pixels for `embed`."""
-        return self.transform.pixels(image)
+    def score(self, images: list[Image.Image], ids: list[str]) -> list[dict[str, Any]]:
+        """One `Detector.score` call for the batch; per image its score, decision and evidence."""
+        s = self.detector.score(images, ids)
+        gallery = self.detector.gallery_ids
+        out = []
+        for i in range(len(images)):
+            score = float(s.score[i])
+            out.append({
+                "score": score,
+                "decision": bool(score >= self.threshold),
+                "generated_similarity": None if s.generated_similarity is None else float(s.generated_similarity[i]),
+                "real_similarity": None if s.real_similarity is None else float(s.real_similarity[i]),
+                "nearest": [{"id": gallery[int(j)], "similarity": float(v)}
+                            for j, v in zip(s.nearest[i], s.nearest_similarity[i], strict=True)],
+            })
+        return out
 
-    @torch.no_grad()
-    def embed(self, pixels: list[torch.Tensor]) -> np.ndarray:
-        """Embeddings (N, D) of images from `pixels`: normalised as one batch, one forward pass, as
-        `embed_images` does it."""
-        x = self.transform.finish(torch.stack(pixels)).to(self.device)
-        with autocast(self.device, True):
-            return (self.forward or self.checkpoint.model)(x).float().cpu().numpy()
 
-    def score(self, embeddings: np.ndarray) -> Scores:
-        """Exact top-k against the whole gallery (matrix product), calibrated on the reference pool."""
-        ref = self.reference.vectors if (self.reference is not None and self.score_config.calibrate) else None
-        return membership_scores(embeddings, self.gallery.vectors, self.score_config, ref)
-
-
-def checkpoint_digest(path: str | Path) -> str:
-    """sha256 of a checkpoint's weights: ties saved embeddings to the model that made them."""
+def arrays_digest(path: str | Path) -> str:
+    """sha256 of a detector's arrays.safetensors (what it learnt and indexed): tells two versions apart."""
     h = hashlib.sha256()
-    with open(Path(path) / "model.pt", "rb") as fh:
+    with open(Path(path) / "arrays.safetensors", "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def save_embeddings(path: str | Path, vectors: np.ndarray, ids: list[str], model_sha256: str) -> Path:
-    """Write embeddings as .npz (embeddings, ids, model_sha256) for `--gallery` / `--reference`."""
-    buf = io.BytesIO()
-    np.savez(buf, embeddings=np.asarray(vectors, dtype=np.float32), ids=np.asarray(ids, dtype=str),
-             model_sha256=np.asarray(model_sha256))
-    return write_bytes_atomic(path, buf.getvalue())
-
-
-def _is_benchmark(path: Path) -> bool:
-    return (path / "dev").is_dir() or (path / "test").is_dir()
-
-
-def _image_items(path: Path, kind: str) -> list[fpdata.ImageItem]:
-    """The generated (`kind='generated'`) or real images under `path`, in `fingerprint predict`'s order."""
-    if _is_benchmark(path):
-        dev, test = fpdata.open_benchmark(path, skip_bad=True)
-        sets = [("test", test), ("dev", dev)] if test is not None else [("dev", dev)]
-        items = []
-        for split, s in sets:
-            chosen = s.generated if kind == "generated" else s.real
-            items += [fpdata.ImageItem(f"{split}/{it.id}", it.path, it.role, it.label, it.group) for it in chosen]
-        return items
-    if any((path / n).is_dir() for names in fpdata.ROLE_DIRS.values() for n in names) or (
-        path / fpdata.MANIFEST_NAME
-    ).is_file():
-        s = fpdata.open_folder(path, skip_bad=True)
-        return s.generated if kind == "generated" else s.real
-    files = sorted(p for p in path.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in fpdata.IMAGE_SUFFIXES)
-    return [fpdata.ImageItem(p.stem, p, "generated" if kind == "generated" else "real_unknown", None) for p in files]
-
-
-def _embed_items(state_like: tuple[torch.nn.Module, Preprocess, torch.device], items: list[fpdata.ImageItem],
-                 batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
-    model, transform, device = state_like
-    images, kept, skipped = fpdata.load_images(items, skip_bad=True)
-    for p, why in skipped:
-        log.warning("skipped %s: %s", p, why)
-    if not images:
-        return np.zeros((0, 0), dtype=np.float32), []
-    return embed_images(model, images, transform, batch_size, device), [it.id for it in kept]
-
-
-def load_embeddings(path: str | Path, what: str, model_sha256: str, ids_file: str = "") -> Embeddings:
-    """Saved embeddings (.npz from `save_embeddings`, or .npy + an ids file), checked against the model."""
-    path = Path(path)
-    name = flag(what)
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                if "embeddings" not in z:
-                    raise ConfigError([f"{name}: {path} has no 'embeddings' array (found {', '.join(z.files)})"])
-                vectors = z["embeddings"]
-                ids = [str(i) for i in z["ids"]] if "ids" in z else None
-                saved_sha = str(z["model_sha256"]) if "model_sha256" in z else ""
-        else:
-            vectors, ids, saved_sha = np.load(path, allow_pickle=False), None, ""
-    except (OSError, ValueError) as e:
-        raise ConfigError([f"{name}: cannot read {path} as numpy embeddings ({e})"]) from e
-    if ids_file:
-        ids = [line.strip() for line in Path(ids_file).read_text().splitlines() if line.strip()]
-    if ids is None:
-        ids = [str(i) for i in range(len(vectors))]
-    problems = []
-    if vectors.ndim != 2 or len(vectors) == 0:
-        problems.append(f"{name}: {path} must hold a non-empty (N, D) array, got shape {vectors.shape}")
-    elif len(ids) != len(vectors):
-        problems.append(f"{name}: {len(vectors)} embeddings but {len(ids)} ids")
-    if saved_sha and saved_sha != model_sha256:
-        problems.append(
-            f"{name}: {path} was computed with another model (weights sha256 {saved_sha[:12]}, serving "
-            f"{model_sha256[:12]}); re-embed with the served model or give the image folder instead")
-    if problems:
-        raise ConfigError(problems)
-    if not saved_sha:
-        log.warning("%s: %s records no model digest; trusting that it comes from the served model", name, path)
-    return Embeddings(normalize(vectors), ids, str(path))
-
-
-def _load_set(path_text: str, what: str, kind: str, ids_file: str, ckpt: Checkpoint, transform: Preprocess,
-              device: torch.device, model_sha256: str) -> Embeddings:
-    path = Path(path_text)
-    if path.is_file() and path.suffix in EMBEDDING_SUFFIXES:
-        emb = load_embeddings(path, what, model_sha256, ids_file)
-    else:
-        if path.is_file():
-            raise ConfigError([f"{flag(what)}: {path} is a file but not .npz/.npy embeddings; give a folder or "
-                               "saved embeddings"])
-        items = _image_items(path, kind)
-        vectors, ids = _embed_items((ckpt.model, transform, device), items)
-        if not ids:
-            raise ConfigError([f"{flag(what)}: no readable {kind} images under {path}"])
-        emb = Embeddings(vectors, ids, str(path))
-    dim = ckpt.model.head.out_features
-    if emb.vectors.shape[1] != dim:
-        raise ConfigError([f"{flag(what)}: embeddings have dimension {emb.vectors.shape[1]}, the model makes {dim}"])
-    return emb
-
-
-def trace_model(model: torch.nn.Module, input_size: tuple[int, ...], device: torch.device) -> tuple[Any, str]:
-    """A TorchScript trace of `model` if it reproduces the eager outputs exactly enough, else the model itself.
-
-    Returns (callable, what was chosen and why). Only on CPU: on CUDA the forward waits on the GPU, not on the
-    interpreter, and autocast would have to be traced too.
-    """
-    if device.type != "cpu":
-        return model, "eager (tracing is used on CPU only)"
-    gen = torch.Generator().manual_seed(0)
-    probe = torch.rand((3, *input_size), generator=gen)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TracerWarnings about Python-level branches: checked below instead
-            traced = torch.jit.trace(model, probe[:2], check_trace=False)
-            # A different batch size than the trace's, so a batch dimension baked into the graph shows.
-            diff = float((traced(probe) - model(probe)).abs().max())
-    except Exception as e:  # any model timm can build may not trace; eager always works
-        return model, f"eager (tracing failed: {type(e).__name__}: {str(e)[:200]})"
-    if not diff <= 1e-6:
-        return model, f"eager (the trace differs from the model by {diff:.2e})"
-    return traced, "torchscript trace"
-
-
 def _resolve_model(config: ServeConfig, workdir: Path) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint folder to load and what to report about it; a registry alias becomes a version here."""
-    if config.checkpoint:
-        path = resolve_checkpoint(config.checkpoint)
-        return path, {"name": path.parent.name if path.name == "checkpoint" else path.name, "version": "local",
-                      "alias": None, "source": str(path), "run_id": None}
+    """The detector folder to load and what to report about it; a registry alias becomes a version here."""
+    if config.detector_path():
+        try:
+            path = resolve_detector(config.detector_path())
+        except ConfigError as e:  # predict's message names --model; ours is --detector
+            raise ConfigError([p.replace(flag("model"), flag("detector")) for p in e.problems]) from None
+        return path, {"registered_model": None, "version": "local", "alias": None, "source": str(path),
+                      "run_id": None}
     import mlflow  # only the registry source needs MLflow (and the jobs package)
 
-    from jobs.registry import download_checkpoint
+    from jobs.registry import download_detector
 
     if config.tracking_uri:
         mlflow.set_tracking_uri(config.tracking_uri)
-    mv, path = download_checkpoint(config.registered_model, config.alias, dst=workdir)
-    return path, {"name": config.registered_model, "version": str(mv.version), "alias": config.alias,
+    mv, path = download_detector(config.registered_model, config.alias, dst=workdir)
+    return path, {"registered_model": config.registered_model, "version": str(mv.version), "alias": config.alias,
                   "source": f"models:/{config.registered_model}@{config.alias}", "run_id": mv.run_id}
 
 
+def reindex(det: Detector, gallery: str | Path, reference: str | Path | None = None) -> None:
+    """Re-prepare `det` on the generated images of `gallery` and the real images of `reference` (default:
+    `gallery`), both read as `fingerprint predict --data` reads a folder (same ids, same pseudo-patient groups).
+    What the detector learnt is kept."""
+    gen_items = benchmark_items(gallery, skip_bad=True).generated
+    ref_items = benchmark_items(reference or gallery, skip_bad=True).real
+    gen, gen_kept, _ = fpdata.load_images(gen_items, skip_bad=True)
+    ref, ref_kept, _ = fpdata.load_images(ref_items, skip_bad=True)
+    problems = []
+    if not gen:
+        problems.append(f"{flag('gallery')}: no readable generated images under {gallery}")
+    if not ref:
+        problems.append(f"{flag('reference' if reference else 'gallery')}: no readable real images under "
+                        f"{reference or gallery} (the reference pool)")
+    if problems:
+        raise ConfigError(problems)
+    det.index(gen, [it.id for it in gen_kept], ref, [it.id for it in ref_kept], real_groups(ref_kept, ref))
+
+
 def load_state(config: ServeConfig) -> ModelState:
-    """Load the model the config names and embed (or read) its gallery and reference pool."""
+    """Load the detector the config names (re-indexed on `gallery` when one is given)."""
     started = time.perf_counter()
-    device = resolve_device(config.device)
     with tempfile.TemporaryDirectory(prefix="fingerprint-serve-") as tmp:
-        # The weights are read into memory below, so a downloaded registry copy is not kept on disk.
+        # load_detector reads every array into memory, so a downloaded registry copy is not kept on disk.
         path, info = _resolve_model(config, Path(tmp))
-        ckpt = load_checkpoint(path)
-        sha = checkpoint_digest(path)
-    ckpt.model.to(device).eval()
-    score_config = from_dict(ScoreConfig, ckpt.meta["score"])
-    if config.k is not None:
-        score_config.k = config.k
-    if config.calibrate != "checkpoint":
-        score_config.calibrate = config.calibrate == "yes"
-    if score_config.calibrate and not config.reference:
-        raise ConfigError([
-            f"{flag('reference')}: this model's scores are calibrated against real images (its threshold assumes "
-            f"it); give a folder of real images (e.g. the benchmark folder) or set {flag('calibrate')} no"])
-    transform = Preprocess(ckpt.meta["data_config"])
-    gallery = _load_set(config.gallery, "gallery", "generated", config.gallery_ids, ckpt, transform, device, sha)
-    reference = None
-    if config.reference and score_config.calibrate:
-        reference = _load_set(config.reference, "reference", "real", "", ckpt, transform, device, sha)
-        if len(reference.ids) < score_config.k + 1:
-            raise ConfigError([f"{flag('reference')}: {len(reference.ids)} real images; calibration needs at least "
-                               f"k + 1 = {score_config.k + 1}"])
-    threshold = ckpt.threshold if config.threshold is None else float(config.threshold)
-    forward, how = (trace_model(ckpt.model, tuple(ckpt.meta["data_config"]["input_size"]), device)
-                    if config.trace else (ckpt.model, "eager (trace off)"))
-    info.update(forward=how, checkpoint_sha256=sha, backbone=ckpt.meta.get("config", {}).get("backbone"),
-                embed_dim=int(ckpt.model.head.out_features),
+        det = load_detector(path)
+        sha = arrays_digest(path)
+    if config.gallery:
+        reindex(det, config.gallery, config.reference or None)
+    threshold = det.threshold if config.threshold is None else float(config.threshold)
+    info.update(arrays_sha256=sha, gallery_source=config.gallery or "detector",
+                reference_source=(config.reference or config.gallery) or "detector",
                 loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 load_seconds=round(time.perf_counter() - started, 2))
-    log.info("loaded %s version %s (%s) on %s: gallery %d from %s, reference %s, k=%d, threshold=%.4f, %.1fs",
-             info["name"], info["version"], info["source"], device, len(gallery.ids), gallery.source,
-             f"{len(reference.ids)} from {reference.source}" if reference else "none", score_config.k, threshold,
-             info["load_seconds"])
-    return ModelState(ckpt, transform, device, score_config, threshold, gallery, reference, info, forward)
+    log.info("loaded %s (%s) version %s from %s: gallery %d (%s), reference %d, threshold %.4f, %.1fs", det.name,
+             det.kind, info["version"], info["source"], len(det.gallery_ids), info["gallery_source"],
+             len(det.reference_ids), threshold, info["load_seconds"])
+    return ModelState(det, threshold, info)

@@ -44,3 +44,25 @@ def ray_cluster() -> Iterator[object]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_with_dashboard() -> Iterator[str]:
+    """An embedded local Ray (2 CPUs) with its dashboard on 127.0.0.1, for Serve's REST API (what `serve deploy`
+    uses); yields the dashboard's http address. A running instance without a dashboard is shut down first, and
+    this one is shut down at the end of the module (the next `ray_local` user starts a fresh one)."""
+    import socket
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                   dashboard_port=port, log_to_driver=False)
+    try:
+        yield f"http://{ctx.dashboard_url}"
+    finally:
+        ray.shutdown()

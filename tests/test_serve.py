@@ -1,16 +1,17 @@
-"""The scoring service on a real Ray Serve instance on 127.0.0.1: batching, bad input, parity with
-`fingerprint predict`, a hot swap between registry versions, and auth.
+"""The scoring service on a real Ray Serve instance on 127.0.0.1: evidence in the answers, batching, bad input,
+parity with `fingerprint predict`, a hot swap to another detector kind under traffic, a failed reload, auth.
 
-One Ray start and one deployment for the whole module; later tests reconfigure it in place (the order of the
-tests matters: the swap and auth tests come last). About a minute on 2 cores.
+One Ray start (with its dashboard: serve/config.yaml is applied through Serve's REST API, as `serve deploy`
+does) and one deployment for the whole module; later tests reconfigure it in place (the order of the tests
+matters: the swap, reload and auth tests come last). About a minute on 2 cores.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import csv
 import io
+import json
 import socket
 import threading
 import time
@@ -19,15 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from ray_fixtures import ray_with_dashboard  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 httpx = pytest.importorskip("httpx")
 ray = pytest.importorskip("ray")
 serve_api = pytest.importorskip("ray.serve")
-mlflow = pytest.importorskip("mlflow")
 
-MODEL = "fp-serve-test"
+TRIPLET = ("triplet", {"backbone": "mobilenetv2_100", "weights": "none", "image_size": 32, "epochs": 1,
+                       "triplets_per_epoch": 32, "k": 3, "device": "cpu"})
 
 
 def _free_port() -> int:
@@ -43,46 +45,28 @@ def _png(arr: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def models(sample_bench, tiny_train_kwargs, tmp_path_factory):
-    """Two trained checkpoints registered as versions 1 and 2; champion -> 1."""
-    from fingerprint import train
-    from fingerprint.config import TrainConfig
-    from jobs.registry import log_checkpoint_model, set_alias
+def detectors(sample_bench, tmp_path_factory) -> dict[str, Path]:
+    """A triplet detector (a network kind: served first) and the `best` selected ensemble (swapped in)."""
+    from fingerprint.detectors import PRESETS, fit_detector
+    from fingerprint.imagesets import load_fit_data
 
-    root = tmp_path_factory.mktemp("serve_models")
-    # mobilenetv2 rather than the shared tiny resnet18: its untrained embeddings are not all alike, so scores
-    # spread over ~1e-2 and a 1e-5 parity check means something.
-    kwargs = {**tiny_train_kwargs, "backbone": "mobilenetv2_100"}
-    ckpts = [train.main(TrainConfig(data=str(sample_bench), out=str(root / f"run{seed}"), **{**kwargs, "seed": seed}))
-             for seed in (0, 1)]
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("serve-test")
-    versions = []
-    for ckpt in ckpts:
-        with mlflow.start_run():
-            versions.append(str(log_checkpoint_model(ckpt, MODEL).version))
-    set_alias(MODEL, "champion", versions[0], reason="test: first champion", metrics={})
-    yield {"uri": uri, "checkpoints": ckpts, "versions": versions}
-    mlflow.set_tracking_uri(previous)
+    root = tmp_path_factory.mktemp("serve_detectors")
+    data = load_fit_data(sample_bench, 0.25, 0)
+    return {"triplet": fit_detector(*TRIPLET, data).save(root / "triplet"),
+            "best": fit_detector(*PRESETS["best"], data).save(root / "best")}
 
 
 @pytest.fixture(scope="module")
-def service(models, sample_bench):
-    """serve/config.yaml deployed as `serve deploy` would, serving the registry's champion, with small limits."""
+def service(ray_with_dashboard, detectors):  # noqa: F811 (the imported fixture)
+    """serve/config.yaml deployed as `serve deploy` would, serving the triplet detector folder, with small limits."""
     from ray import serve
 
     from serve.deploy import deploy_config, load_config, reload_app
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     config = load_config(
         user_config={
-            "registered_model": MODEL, "alias": "champion", "tracking_uri": models["uri"],
-            "gallery": str(sample_bench), "reference": str(sample_bench),
+            "detector": str(detectors["triplet"]), "registered_model": "",
             "max_batch_size": 8, "batch_wait_timeout_s": 0.2,
             "max_image_bytes": 20_000, "max_image_pixels": 256 * 256, "max_images_per_request": 16,
             "auth_token_env": "",
@@ -90,18 +74,14 @@ def service(models, sample_bench):
         deployment={"num_replicas": 1, "max_ongoing_requests": 32},
     )
     config["http_options"]["port"] = port
-    t = time.perf_counter()
-    deploy_config(config)
-    startup = time.perf_counter() - t
+    deploy_config(config, address=ray_with_dashboard)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
     try:
-        yield {"client": client, "url": f"http://127.0.0.1:{port}", "startup_s": startup,
-               "reload": lambda **changes: reload_app("fingerprint", user_config=changes)}
+        yield {"client": client, "url": f"http://127.0.0.1:{port}",
+               "reload": lambda **changes: reload_app("fingerprint", user_config=changes, address=ray_with_dashboard)}
     finally:
         client.close()
         serve.shutdown()
-        if started:
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -113,47 +93,57 @@ def _files(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
 
 
-def _predict_scores(checkpoint: Path, bench: Path, out: Path) -> dict[str, float]:
-    from fingerprint import predict
+def _predict_scores(detector: Path, bench: Path) -> dict[str, float]:
+    from fingerprint.detectors import load_detector
+    from fingerprint.predict import predict_folder
 
-    predict.main(predict.PredictConfig(model=str(checkpoint), data=str(bench), out=str(out)))
-    with open(out / "scores.csv", newline="") as fh:
-        return {r["id"]: float(r["score"]) for r in csv.DictReader(fh)}
+    pred = predict_folder(load_detector(detector), bench)
+    return dict(zip(pred.ids, map(float, pred.scores.score), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_health_model_info_and_openapi(service, models):
+def test_health_model_info_and_openapi(service, detectors):
+    from fingerprint.detectors import load_detector
+
     c = service["client"]
     assert c.get("/healthz").json()["status"] == "ok"
     info = c.get("/v1/model").json()
-    # The alias was resolved to a concrete version at start.
-    assert info["version"] == models["versions"][0] and info["alias"] == "champion" and info["name"] == MODEL
-    assert info["gallery"]["size"] == 96 and info["batching"]["max_batch_size"] == 8
-    assert info["batching"]["max_ongoing_requests"] == 32
-    assert info["forward"] == "torchscript trace"  # so the parity tests below cover the traced forward
+    det = load_detector(detectors["triplet"])
+    assert (info["kind"], info["name"], info["version"], info["alias"]) == ("triplet", "triplet", "local", None)
+    assert info["threshold"] == pytest.approx(det.threshold) and info["signal"] == "per_image"
+    assert info["metrics"]["val_auc"] == pytest.approx(det.meta.metrics["val_auc"])
+    assert info["settings"]["backbone"] == "mobilenetv2_100" and info["source"] == str(detectors["triplet"])
+    # The saved index is served: nothing was re-embedded at start.
+    assert info["gallery"] == {"size": 96, "source": "detector"} and info["reference"]["size"] == len(det.reference_ids)
+    assert info["batching"]["max_batch_size"] == 8 and info["batching"]["batch_wait_timeout_s"] == 0.2
     spec = c.get("/openapi.json").json()
     body = spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json", "image/png"} <= set(body)
+    assert "/v1/embed" not in spec["paths"]
     assert c.get("/docs").status_code == 200
 
 
-def test_scores_equal_fingerprint_predict(service, models, sample_bench, real_images, tmp_path):
+def test_scores_equal_fingerprint_predict(service, detectors, sample_bench, real_images):
     c = service["client"]
-    expected = _predict_scores(models["checkpoints"][0], sample_bench, tmp_path)
+    expected = _predict_scores(detectors["triplet"], sample_bench)
     assert max(expected.values()) - min(expected.values()) > 1e-3  # the 1e-5 tolerance is tight by comparison
     r = c.post("/v1/score", files=_files(real_images))
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"]["version"] == models["versions"][0]
-    got = {Path(x["id"]).stem: x for x in body["results"]}
-    assert set(got) == set(expected)
+    assert body["kind"] == "triplet" and body["model"]["kind"] == "triplet" and body["signal"] == "per_image"
+    got = {x["id"]: x for x in body["results"]}
+    assert set(got) == set(expected)  # ids are the file stems, as `fingerprint predict` writes them
+    gallery = set(json.loads((detectors["triplet"] / "ids.json").read_text())["gallery"])
     for name, score in expected.items():
-        assert abs(got[name]["score"] - score) < 1e-5
-        assert got[name]["decision"] == (got[name]["score"] >= body["threshold"])
-        sims = [n["similarity"] for n in got[name]["nearest"]]
-        assert len(sims) == body["k"] and sims == sorted(sims, reverse=True)
+        x = got[name]
+        assert abs(x["score"] - score) < 1e-5
+        assert x["decision"] == (x["score"] >= body["threshold"])
+        assert x["real_similarity"] is not None  # the triplet kind calibrates on its reference pool
+        sims = [n["similarity"] for n in x["nearest"]]
+        assert len(sims) == 3 and sims == sorted(sims, reverse=True)
+        assert {n["id"] for n in x["nearest"]} <= gallery
 
     # The same images as base64 JSON and as raw bodies give the same scores.
     payload = {"images": [{"id": p.stem, "data": base64.b64encode(p.read_bytes()).decode()} for p in real_images[:3]]}
@@ -164,10 +154,6 @@ def test_scores_equal_fingerprint_predict(service, models, sample_bench, real_im
     r = c.post("/v1/score", content=real_images[0].read_bytes(), headers={"content-type": "image/png"},
                params={"id": real_images[0].stem})
     assert abs(r.json()["results"][0]["score"] - expected[real_images[0].stem]) < 1e-5
-
-    emb = c.post("/v1/embed", files=_files(real_images[:2])).json()
-    vec = np.array([x["embedding"] for x in emb["results"]])
-    assert vec.shape == (2, emb["dim"]) and np.allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-5)
 
 
 async def _concurrent_scores(url: str, paths: list[Path], n: int) -> list[int]:
@@ -257,67 +243,67 @@ def test_bad_requests_do_not_disturb_good_ones(service, real_images):
     assert service["client"].get("/healthz").status_code == 200
 
 
-def test_hot_swap_to_new_champion_keeps_answering(service, models, sample_bench, real_images, tmp_path):
-    """Promote version 2, bump `reload`: replicas reconfigure in place while requests keep flowing."""
-    from jobs.registry import set_alias
-
+def test_hot_swap_to_another_kind_under_traffic(service, detectors, sample_bench, real_images):
+    """triplet -> selected_ensemble by reconfigure in place, while a thread keeps sending requests: none fails."""
     c = service["client"]
     before = c.get("/v1/model").json()
-    set_alias(MODEL, "champion", models["versions"][1], reason="test: promote v2", metrics={})
+    assert before["kind"] == "triplet"
 
-    results: list[tuple[int, str | None]] = []
-    stop = threading.Event()
+    results: list[tuple[int, str]] = []
+    after_swap = threading.Event()
 
     def traffic() -> None:
+        # Bounded: at most 400 requests or 120 s; stops by itself 10 answers after the first of the new kind.
         with httpx.Client(base_url=service["url"], timeout=60) as tc:
-            deadline = time.monotonic() + 90
-            while not stop.is_set() and time.monotonic() < deadline and len(results) < 2000:
+            deadline, tail = time.monotonic() + 120, None
+            while len(results) < 400 and time.monotonic() < deadline and (tail is None or len(results) < tail):
                 p = real_images[len(results) % len(real_images)]
                 r = tc.post("/v1/score", files=_files([p]))
-                results.append((r.status_code, r.json()["model"]["version"] if r.status_code == 200 else r.text))
+                results.append((r.status_code, r.json()["kind"] if r.status_code == 200 else r.text))
+                if tail is None and results[-1][1] == "selected_ensemble":
+                    tail = len(results) + 10
+                    after_swap.set()
 
-    threads = [threading.Thread(target=traffic) for _ in range(3)]
-    for t in threads:
-        t.start()
-    time.sleep(1.0)
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    while len(results) < 5 and time.monotonic() - t0 < 60:
+        time.sleep(0.05)
     # The swap also changes batch settings live.
-    service["reload"](max_batch_size=4, batch_wait_timeout_s=0.1)
-    time.sleep(1.0)
-    stop.set()
-    for t in threads:
-        t.join()
+    service["reload"](detector=str(detectors["best"]), max_batch_size=4, batch_wait_timeout_s=0.1)
+    thread.join(timeout=150)
+    assert not thread.is_alive()
 
-    assert len(results) > 10 and all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:3]
-    versions = [v for _, v in results]
-    assert versions[0] == models["versions"][0] and versions[-1] == models["versions"][1]
+    assert all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:3]
+    kinds = [k for _, k in results]
+    assert kinds[0] == "triplet" and kinds[-1] == "selected_ensemble", kinds
+    assert after_swap.is_set()
     after = c.get("/v1/model").json()
-    assert after["version"] == models["versions"][1]
+    assert (after["kind"], after["name"]) == ("selected_ensemble", "selected_ensemble")
     assert after["replica"] == before["replica"], "expected an in-place reconfigure, not a new replica"
-    assert after["swaps"][-1]["from_version"] == models["versions"][0]
+    assert after["swaps"][-1]["from_kind"] == "triplet" and after["swaps"][-1]["to_kind"] == "selected_ensemble"
     assert after["batching"]["max_batch_size"] == 4 and after["batching"]["batch_wait_timeout_s"] == 0.1
 
     c.post("/v1/stats/reset")
     assert asyncio.run(_concurrent_scores(service["url"], real_images, 12)) == [200] * 12
     assert 1 < c.get("/v1/model").json()["batching"]["max_observed_batch_size"] <= 4
-
-    expected = _predict_scores(models["checkpoints"][1], sample_bench, tmp_path / "v2")
-    old = _predict_scores(models["checkpoints"][0], sample_bench, tmp_path / "v1")
-    assert max(abs(old[k] - v) for k, v in expected.items()) > 1e-4  # the two versions are distinguishable
-    got = {Path(x["id"]).stem: x["score"] for x in c.post("/v1/score", files=_files(real_images)).json()["results"]}
-    assert max(abs(got[k] - v) for k, v in expected.items()) < 1e-5
+    # The ensemble's answers carry its lead member's evidence (a pixel kind here: no real similarity).
+    body = c.post("/v1/score", files=_files(real_images[:2])).json()
+    assert body["kind"] == "selected_ensemble" and all(x["nearest"] for x in body["results"])
+    assert all(0.0 <= x["score"] <= 1.0 for x in body["results"])  # mean ranks within the reference pool
 
 
-def test_failed_reload_keeps_serving(service, models, real_images):
+def test_failed_reload_keeps_serving(service, real_images, tmp_path):
     c = service["client"]
-    service["reload"](alias="no-such-alias")
+    service["reload"](detector=str(tmp_path / "no-such-detector"))
     info = c.get("/v1/model").json()
-    assert info["version"] == models["versions"][1] and "no-such-alias" in info["reload_error"]
+    assert info["kind"] == "selected_ensemble" and "no-such-detector" in info["reload_error"]
     assert c.post("/v1/score", files=_files(real_images[:1])).status_code == 200
 
 
-def test_bearer_token(service, real_images):
+def test_bearer_token(service, detectors, real_images):
     c = service["client"]
-    service["reload"](alias="champion", auth_token="s3cret")
+    service["reload"](detector=str(detectors["best"]), auth_token="s3cret")
     assert c.post("/v1/score", files=_files(real_images[:1])).status_code == 401
     r = c.post("/v1/score", files=_files(real_images[:1]), headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["error"] == "unauthorized"

@@ -1,4 +1,5 @@
-"""serve.bench on a real (tiny) run: two replicas on 127.0.0.1, both modes, the ceiling's layouts, CPU shares."""
+"""serve.bench on a real (tiny) run: an untrained triplet detector on two replicas on 127.0.0.1 (deployed through
+Serve's REST API on the dashboard), both modes, the ceiling's layouts, CPU shares."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The serving layer without Ray: settings validation, upload decoding, model state loading, saved embeddings,
-the shipped Serve config, and the `fingerprint serve` flags. Fast (a tiny checkpoint trained once)."""
+"""The serving layer without Ray: settings validation (pydantic), upload decoding, ids, loading any detector kind,
+re-indexing, the shipped Serve config, the app builder, the `fingerprint serve` flags and the bench's pieces.
+Fast: detectors fitted once on the phantom sample in a few seconds."""
 
 from __future__ import annotations
 
@@ -11,18 +12,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from fingerprint.config import ConfigError, ScoreConfig, from_dict
+from fingerprint.config import ConfigError
 from fingerprint.data import load_image
 from serve.config import ServeConfig, from_user_config
-from serve.model import (
-    InputError,
-    checkpoint_digest,
-    decode_image,
-    load_state,
-    save_embeddings,
-)
+from serve.model import InputError, decode_image, item_id, load_state
 
 ROOT = Path(__file__).resolve().parent.parent
+
+TRIPLET = ("triplet", {"backbone": "mobilenetv2_100", "weights": "none", "image_size": 32, "epochs": 1,
+                       "triplets_per_epoch": 32, "k": 3, "device": "cpu"})
 
 
 def _encode(im: Image.Image, fmt: str = "PNG") -> bytes:
@@ -32,14 +30,16 @@ def _encode(im: Image.Image, fmt: str = "PNG") -> bytes:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(sample_bench, tiny_train_kwargs, tmp_path_factory) -> Path:
-    from fingerprint import train
-    from fingerprint.config import TrainConfig
+def detectors(sample_bench, tmp_path_factory) -> dict[str, Path]:
+    """Saved detectors of four kinds, fitted on the phantom sample."""
+    from fingerprint.detectors import PRESETS, fit_detector
+    from fingerprint.imagesets import load_fit_data
 
-    out = tmp_path_factory.mktemp("serve_ckpt")
-    # mobilenetv2: its scores spread (~1e-2) where the tiny resnet18's all sit within 1e-5 of each other.
-    return train.main(TrainConfig(data=str(sample_bench), out=str(out),
-                                  **{**tiny_train_kwargs, "backbone": "mobilenetv2_100"}))
+    root = tmp_path_factory.mktemp("serve_detectors")
+    data = load_fit_data(sample_bench, 0.25, 0)
+    specs = {"pixel": PRESETS["pixel_ncc"], "gradient": ("gradient", {"k": 3}), "best": PRESETS["best"],
+             "triplet": TRIPLET}
+    return {name: fit_detector(*spec, data).save(root / name) for name, spec in specs.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -48,31 +48,43 @@ def checkpoint(sample_bench, tiny_train_kwargs, tmp_path_factory) -> Path:
 
 def test_user_config_lists_every_problem(tmp_path):
     with pytest.raises(ConfigError) as e:
-        from_user_config({"colour": "red", "max_batch_size": "many", "batch_wait_timeout_s": True,
-                          "gallery": str(tmp_path / "missing")})
+        from_user_config({"colour": "red", "max_batch_size": "many", "batch_wait_timeout_s": [1],
+                          "threshold": "high", "gallery": str(tmp_path / "missing")})
     text = str(e.value)
-    for needle in ("user_config.colour: unknown setting", "user_config.max_batch_size: expected an integer",
-                   "user_config.batch_wait_timeout_s: expected a number"):
-        assert needle in text
+    for needle in ("user_config.colour: unknown setting", "user_config.max_batch_size: Input should be a valid "
+                   "integer", "user_config.batch_wait_timeout_s: Input should be a valid number",
+                   "user_config.threshold: "):
+        assert needle in text, text
     with pytest.raises(ConfigError) as e:
         from_user_config({"gallery": str(tmp_path)})
     assert "exactly one model source (got neither)" in str(e.value)
     with pytest.raises(ConfigError) as e:
-        from_user_config({"checkpoint": str(tmp_path), "registered_model": "m", "gallery": str(tmp_path),
-                          "max_batch_size": 0, "calibrate": "maybe"})
+        from_user_config({"detector": str(tmp_path), "registered_model": "m", "max_batch_size": 0,
+                          "batch_wait_timeout_s": 11, "reference": str(tmp_path)})
     text = str(e.value)
-    assert "got both" in text and "--max-batch-size: must be >= 1" in text and "--calibrate" in text
+    assert "got both" in text and "--max-batch-size: must be >= 1" in text
+    assert "--batch-wait-timeout-s: must be in [0, 10]" in text and "--reference: only used with --gallery" in text
+    with pytest.raises(ConfigError, match="user_config: expected a mapping"):
+        from_user_config(["detector"])  # type: ignore[arg-type]
 
 
 def test_user_config_converts_yaml_and_string_numbers(tmp_path):
-    cfg = from_user_config({"checkpoint": str(tmp_path), "gallery": str(tmp_path), "batch_wait_timeout_s": 0,
-                            "max_batch_size": "32", "k": "4", "threshold": "0.25"})
+    cfg = from_user_config({"detector": str(tmp_path), "batch_wait_timeout_s": 0, "max_batch_size": "32",
+                            "threshold": "0.25", "reload": "3"})
     assert cfg.batch_wait_timeout_s == 0.0 and isinstance(cfg.batch_wait_timeout_s, float)
-    assert (cfg.max_batch_size, cfg.k, cfg.threshold) == (32, 4, 0.25)
+    assert (cfg.max_batch_size, cfg.threshold, cfg.reload) == (32, 0.25, 3)
+    assert from_user_config({"detector": str(tmp_path), "threshold": None}).threshold is None
+
+
+def test_checkpoint_is_the_old_name_of_detector(tmp_path):
+    old = from_user_config({"checkpoint": str(tmp_path)})
+    assert old.detector_path() == str(tmp_path) and old.model_source() == ("detector", str(tmp_path.resolve()))
+    with pytest.raises(ConfigError, match="old name of --detector"):
+        from_user_config({"checkpoint": str(tmp_path), "detector": str(tmp_path / "other")})
 
 
 def test_token_from_config_or_environment(monkeypatch, tmp_path):
-    cfg = ServeConfig(checkpoint=str(tmp_path), gallery=str(tmp_path), auth_token_env="FP_TEST_TOKEN")
+    cfg = ServeConfig(detector=str(tmp_path), auth_token_env="FP_TEST_TOKEN")
     monkeypatch.delenv("FP_TEST_TOKEN", raising=False)
     assert cfg.token() == ""
     monkeypatch.setenv("FP_TEST_TOKEN", "abc")
@@ -82,7 +94,7 @@ def test_token_from_config_or_environment(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Decoding uploads
+# Decoding uploads and ids
 
 
 def test_decode_matches_library_for_png_jpeg_16bit_and_rgb(tmp_path):
@@ -126,102 +138,114 @@ def test_decode_rejects_bad_uploads_naming_them(case, status, code):
     assert str(e.value).startswith("upload-7: ")
 
 
+def test_item_id_is_the_file_stem():
+    assert item_id("real_unknown_0001.png") == "real_unknown_0001"
+    assert item_id("scan.v2.JPEG") == "scan.v2"
+    assert item_id("dev/used_0001") == "dev/used_0001" and item_id("image") == "image"
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Model state
+# Model state: any kind, the same scores as `fingerprint predict`
 
 
-def _cfg(checkpoint: Path, gallery: Path | str, **kw) -> ServeConfig:
-    return from_user_config({"checkpoint": str(checkpoint), "gallery": str(gallery), **kw})
+def _service_scores(state, paths: list[Path]) -> tuple[np.ndarray, list[dict]]:
+    # Uneven batches, as dynamic batching would make them; ids as the service derives them from file names.
+    images, ids = [load_image(p) for p in paths], [item_id(p.name) for p in paths]
+    out: list[dict] = []
+    for i in range(0, len(images), 5):
+        out += state.score(images[i : i + 5], ids[i : i + 5])
+    return np.array([r["score"] for r in out]), out
 
 
-def _real_images(bench: Path) -> list[Image.Image]:
-    return [load_image(p) for p in sorted((bench / "test" / "real_unknown").glob("*.png"))]
+@pytest.mark.parametrize("name", ["pixel", "triplet", "gradient", "best"])
+def test_scores_equal_predict(detectors, sample_bench, name):
+    """The saved gallery, no images read at start, and the scores `fingerprint predict` writes."""
+    from fingerprint.detectors import load_detector
+    from fingerprint.predict import predict_folder
+
+    state = load_state(from_user_config({"detector": str(detectors[name])}))
+    assert state.info["gallery_source"] == "detector" and state.version == "local"
+    assert len(state.detector.gallery_ids) == 96 and state.threshold == state.detector.threshold
+    pred = predict_folder(load_detector(detectors[name]), sample_bench)
+    expected = dict(zip(pred.ids, pred.scores.score, strict=True))
+    paths = sorted((sample_bench / "test" / "real_unknown").glob("*.png"))
+    got, rows = _service_scores(state, paths)
+    want = np.array([expected[item_id(p.name)] for p in paths])
+    assert np.ptp(want) > 1e-3
+    for row in rows:
+        assert row["decision"] == (row["score"] >= state.threshold)
+        sims = [n["similarity"] for n in row["nearest"]]
+        assert sims == sorted(sims, reverse=True) and {n["id"] for n in row["nearest"]} <= set(pred.gallery_ids)
+    assert np.abs(got - want).max() < 1e-5
 
 
-def _service_scores(state, images: list[Image.Image]) -> np.ndarray:
-    # Uneven batches, as dynamic batching would make them.
-    tensors = [state.pixels(im) for im in images]
-    emb = np.concatenate([state.embed(tensors[i : i + 5]) for i in range(0, len(tensors), 5)])
-    return state.score(emb).score
+def test_gallery_folder_reindexes_without_refitting(detectors, sample_bench):
+    saved = load_state(from_user_config({"detector": str(detectors["triplet"])}))
+    test_only = load_state(from_user_config({"detector": str(detectors["triplet"]),
+                                             "gallery": str(sample_bench / "test")}))
+    assert len(test_only.detector.gallery_ids) == 48 and test_only.detector.gallery_ids[0] == "gen_00001"
+    assert len(test_only.detector.reference_ids) == 12  # the test folder's real images
+    assert test_only.info["gallery_source"] == str(sample_bench / "test")
+    assert test_only.threshold == saved.threshold  # what was learnt is kept
+    # A separate reference folder, and a threshold override.
+    both = load_state(from_user_config({"detector": str(detectors["pixel"]), "gallery": str(sample_bench / "test"),
+                                        "reference": str(sample_bench), "threshold": 0.5}))
+    assert len(both.detector.reference_ids) > 12 and both.threshold == 0.5
+    paths = sorted((sample_bench / "test" / "real_unknown").glob("*.png"))
+    assert all(r["decision"] == (r["score"] >= 0.5) for r in _service_scores(both, paths)[1])
 
 
-def test_calibrated_scores_equal_predict(checkpoint, sample_bench):
-    """The calibrated path (reference pool) against the library's own `score_set`, as predict runs it."""
-    from fingerprint import data as fpdata
-    from fingerprint.checkpoint import load_checkpoint
-    from fingerprint.predict import score_set
-
-    state = load_state(_cfg(checkpoint, sample_bench, reference=str(sample_bench), calibrate="yes"))
-    assert state.calibrated and state.reference is not None
-    ckpt = load_checkpoint(checkpoint)
-    dev, test = fpdata.open_benchmark(sample_bench)
-    score_config = from_dict(ScoreConfig, {**ckpt.meta["score"], "calibrate": True})
-    pred = score_set(ckpt, test.role("real_unknown"), test.generated + dev.generated,
-                     test.role("real_unknown") + dev.real, score_config, ckpt.threshold, device="cpu")
-    got = _service_scores(state, _real_images(sample_bench))
-    assert np.ptp(pred.scores.score) > 1e-3
-    assert np.abs(got - pred.scores.score).max() < 1e-5
-    assert len(state.gallery.ids) == len(set(state.gallery.ids)) == 96  # test/ and dev/ prefixes keep ids apart
+def test_not_a_detector_folder_is_named(tmp_path, sample_bench):
+    with pytest.raises(ConfigError, match="--detector: .* holds no saved detector"):
+        load_state(from_user_config({"detector": str(sample_bench)}))
 
 
-def test_calibration_without_reference_is_refused(checkpoint, sample_bench):
-    with pytest.raises(ConfigError) as e:
-        load_state(_cfg(checkpoint, sample_bench, calibrate="yes"))
-    assert "--reference" in str(e.value) and "--calibrate no" in str(e.value)
+def test_registry_source(detectors, tmp_path):
+    """`registered_model` + `alias`: the alias is resolved to a version, the detector downloaded and loaded."""
+    mlflow = pytest.importorskip("mlflow")
+    from jobs.registry import log_detector, set_alias
 
-
-def test_saved_gallery_embeddings_give_the_same_scores(checkpoint, sample_bench, tmp_path):
-    from_images = load_state(_cfg(checkpoint, sample_bench / "test", calibrate="no"))
-    sha = checkpoint_digest(checkpoint)
-    npz = save_embeddings(tmp_path / "gallery.npz", from_images.gallery.vectors, from_images.gallery.ids, sha)
-    from_file = load_state(_cfg(checkpoint, npz, calibrate="no"))
-    assert from_file.gallery.ids == from_images.gallery.ids
-    images = _real_images(sample_bench)
-    assert np.abs(_service_scores(from_file, images) - _service_scores(from_images, images)).max() < 1e-6
-
-    # .npy plus an ids file
-    np.save(tmp_path / "g.npy", from_images.gallery.vectors)
-    (tmp_path / "ids.txt").write_text("\n".join(from_images.gallery.ids) + "\n")
-    npy = load_state(_cfg(checkpoint, tmp_path / "g.npy", gallery_ids=str(tmp_path / "ids.txt"), calibrate="no"))
-    assert npy.gallery.ids == from_images.gallery.ids
-
-    # Embeddings of another model, or of the wrong size, are refused with the reason.
-    save_embeddings(tmp_path / "other.npz", from_images.gallery.vectors, from_images.gallery.ids, "0" * 64)
-    with pytest.raises(ConfigError, match="computed with another model"):
-        load_state(_cfg(checkpoint, tmp_path / "other.npz", calibrate="no"))
-    np.save(tmp_path / "wide.npy", np.ones((4, 7), dtype=np.float32))
-    with pytest.raises(ConfigError, match="dimension 7"):
-        load_state(_cfg(checkpoint, tmp_path / "wide.npy", calibrate="no"))
-
-
-def test_plain_folder_gallery_and_overrides(checkpoint, sample_bench):
-    state = load_state(_cfg(checkpoint, sample_bench / "test" / "generated", calibrate="no", k=2, threshold=0.5))
-    assert len(state.gallery.ids) == 48 and state.gallery.ids[0] == "gen_00001"
-    assert state.score_config.k == 2 and state.threshold == 0.5
-    assert state.info["version"] == "local" and len(state.info["checkpoint_sha256"]) == 64
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment("serve-model-test")
+        with mlflow.start_run():
+            mv = log_detector(detectors["pixel"], "fp-serve-model")
+        set_alias("fp-serve-model", "champion", mv.version, reason="test", metrics={})
+        state = load_state(from_user_config({"registered_model": "fp-serve-model", "tracking_uri": uri}))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert (state.kind, state.version, state.info["alias"]) == ("pixel", str(mv.version), "champion")
+    assert state.info["source"] == "models:/fp-serve-model@champion" and len(state.detector.gallery_ids) == 96
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The shipped Serve config, the app builder, the CLI
 
 
-def test_shipped_config_yaml_is_deployable():
+def test_shipped_config_yaml_is_deployable_and_valid():
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.deploy import load_config
+    from serve.app import DEFAULT_USER_CONFIG
+    from serve.deploy import check_config, load_config
 
     raw = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
     app = schema.applications[0]
     assert app.import_path == "serve.app:app" and raw["http_options"]["host"] == "127.0.0.1"
     dep = raw["applications"][0]["deployments"][0]
-    unknown = set(dep["user_config"]) - set(ServeConfig.__dataclass_fields__)
-    assert not unknown, f"config.yaml user_config has settings ServeConfig does not know: {unknown}"
-    assert dep["max_ongoing_requests"] >= dep["user_config"]["max_batch_size"]
+    # Every user_config value validates against ServeConfig (the source paths are the replicas', not checked).
+    cfg = from_user_config(dep["user_config"])
+    assert cfg.registered_model and not cfg.gallery  # by default the detector's saved gallery is served
+    assert dep["user_config"] == DEFAULT_USER_CONFIG, "serve/config.yaml and serve.app.DEFAULT_USER_CONFIG differ"
+    check_config(raw)
     # Overrides replace num_replicas/autoscaling as a pair.
     cfg = load_config(user_config={"reload": 3}, deployment={"num_replicas": 2})
     d = cfg["applications"][0]["deployments"][0]
     assert d["num_replicas"] == 2 and "autoscaling_config" not in d and d["user_config"]["reload"] == 3
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        check_config(load_config(user_config={"max_batch_size": 128}))
     # ... and the code leaves scaling to the file: an autoscaling_config set in code would survive a config
     # that asks for num_replicas (Serve then ignores num_replicas). test_serve_bench deploys 2 this way.
     from serve.app import app as shipped
@@ -229,43 +253,49 @@ def test_shipped_config_yaml_is_deployable():
     assert shipped._bound_deployment._deployment_config.autoscaling_config is None
 
 
-def test_build_app_options(checkpoint, sample_bench):
+def test_build_app_options(detectors):
     from serve.app import build_app
 
-    args = {"checkpoint": str(checkpoint), "gallery": str(sample_bench), "calibrate": "no"}
+    args = {"detector": str(detectors["pixel"])}
     app = build_app({**args, "min_replicas": 1, "max_replicas": 3, "max_batch_size": 8})
     dep = app._bound_deployment
     assert dep._deployment_config.autoscaling_config.max_replicas == 3
-    assert dep._deployment_config.user_config["max_batch_size"] == 8
-    assert dep._deployment_config.max_ongoing_requests == 64
+    assert dep._deployment_config.user_config == {"detector": str(detectors["pixel"]), "max_batch_size": 8}
+    assert dep._deployment_config.max_ongoing_requests == 64 and dep._deployment_config.max_surge_percent == 100
     with pytest.raises(ConfigError, match="max_ongoing_requests"):
         build_app({**args, "max_batch_size": 32, "max_ongoing_requests": 8})
 
 
-def test_cli_flags(checkpoint, sample_bench):
+def test_cli_flags(detectors, capsys):
     from fingerprint.cli import build_parser
     from fingerprint.config import from_args, validate
     from serve.cli import ServeCommandConfig, app_args, command
 
-    parser, loaded = build_parser({"serve": command})
-    ns = parser.parse_args(["serve", "--checkpoint", str(checkpoint), "--gallery", str(sample_bench),
-                            "--calibrate", "no", "--max-batch-size", "8", "--max-replicas", "2", "--k", "4"])
+    parser, _ = build_parser({"serve": command})
+    ns = parser.parse_args(["serve", "--checkpoint", str(detectors["pixel"]), "--max-batch-size", "8",
+                            "--max-replicas", "2", "--threshold", "0.3"])
     cfg = validate(from_args(ServeCommandConfig, ns))
     args = app_args(cfg)
-    assert args["max_batch_size"] == 8 and args["k"] == 4 and args["max_replicas"] == 2
-    assert "host" not in args
+    assert args["checkpoint"] == str(detectors["pixel"]) and args["max_batch_size"] == 8
+    assert args["threshold"] == 0.3 and args["max_replicas"] == 2 and "host" not in args
+    ns = parser.parse_args(["serve", "--detector", str(detectors["pixel"])])
+    assert validate(from_args(ServeCommandConfig, ns)).detector_path() == str(detectors["pixel"])
     with pytest.raises(ConfigError, match="--max-ongoing-requests"):
-        validate(ServeCommandConfig(checkpoint=str(checkpoint), gallery=str(sample_bench), max_batch_size=128))
+        validate(ServeCommandConfig(detector=str(detectors["pixel"]), max_batch_size=128))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Old name of --detector" in help_text and "re-indexes the detector" in help_text
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The load generator's pieces (the load itself needs a running service: python -m serve.bench)
 
 
-def test_bench_pieces(tmp_path, sample_bench):
+def test_bench_pieces(tmp_path, sample_bench, detectors):
     import python_multipart
 
-    from serve.bench import BenchConfig, _multipart, make_checkpoint, markdown, offline_ceiling
+    from serve.bench import BenchConfig, _multipart, make_detector, markdown, offline_ceiling
 
     images = sorted((sample_bench / "test" / "real_unknown").glob("*.png"))[:3]
     body, ctype = _multipart(images)
@@ -278,22 +308,24 @@ def test_bench_pieces(tmp_path, sample_bench):
     assert parts == [p.read_bytes() for p in images]
 
     cfg = BenchConfig(backbone="resnet18", image_size=32, embed_dim=8)
-    ckpt = make_checkpoint(cfg, tmp_path)
-    state = load_state(from_user_config({"checkpoint": str(ckpt), "gallery": str(sample_bench)}))
-    assert not state.calibrated and state.threshold == 0.0 and state.score_config.k == 5
-    off = offline_ceiling(ckpt, images, [1, 2], threads=1, min_seconds=0.1)
+    det = make_detector(cfg, sample_bench, tmp_path)
+    state = load_state(from_user_config({"detector": str(det)}))
+    assert state.kind == "triplet" and state.threshold == 0.0 and len(state.detector.gallery_ids) == 96
+    off = offline_ceiling(det, images, [1, 2], threads=1, min_seconds=0.1)
     assert set(off["layouts"]) == {"1x1"} and set(off["layouts"]["1x1"]) == {"eager", "traced"}
     assert set(off["layouts"]["1x1"]["traced"]) == {"1", "2"}
     every = [*off["layouts"]["1x1"]["eager"].values(), *off["layouts"]["1x1"]["traced"].values()]
     assert off["ceiling_images_per_s"] == max(every)
     assert off["decode_preprocess_forward_images_per_s"] > 0
+    with pytest.raises(ValueError, match="no network to measure"):
+        offline_ceiling(detectors["pixel"], images, [1], threads=1, min_seconds=0.1)
     cell = {"mode": "batched", "images_per_request": 1, "concurrency": 4, "ok": 10, "errors": {},
             "images_per_s": 5.0, "latency_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0, "mean": 1.5},
             "mean_batch_size": 2.5, "max_observed_batch_size": 4, "replicas": 2, "wall_s": 2.0,
             "cpu_s": {"replicas": 0.02, "proxy": 0.01, "controller": 0.0, "load generator": 0.005,
                       "ray other": 0.0, "other": 0.005}}
     text = markdown({"name": "t", "model": "m", "machine": "x", "when": "now", "load_avg_before": 1.0, "cores": 2,
-                     "config": {"torch_threads": 1, "throughput_optimized": True}, "forward": "torchscript trace",
+                     "config": {"torch_threads": 1, "throughput_optimized": True}, "forward": "eager",
                      "load_avg_after": 1.0, "offline": {"before": off, "after": off}, "cells": [cell]})
     # 10 images: 2 ms of replica CPU each, 1 of proxy, 0.5 of client, 0.5 of the rest; 0.04 s over 2 s x 2 cores.
     assert "| batched | 1 | 4 | 10 | 0 | 5.0 |" in text and "| 2.00 | 1.00 | 0.50 | 0.50 | 1% |" in text
@@ -302,7 +334,7 @@ def test_bench_pieces(tmp_path, sample_bench):
 def test_trace_is_checked_against_the_model():
     import torch
 
-    from serve.model import trace_model
+    from serve.bench import trace_model
 
     class BatchTwoOnly(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,4 +351,3 @@ def test_trace_is_checked_against_the_model():
     assert how == "torchscript trace" and isinstance(fn, torch.jit.ScriptModule)
     x = torch.rand(5, 1, 4, 4)
     assert torch.equal(fn(x), Plain()(x))
-    assert from_user_config({"checkpoint": ".", "gallery": ".", "trace": "false"}).trace is False
