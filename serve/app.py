@@ -28,10 +28,9 @@ scale with the request rate, so they scale together by adding replicas. Split wh
 replica's memory (shard it over search replicas and merge top-k), or when a network kind's forward runs on GPU
 replicas that should not hold the gallery.
 
-No TorchScript trace any more: the forward belongs to the detector (`Detector.score` calls its own
-`forward_module()`), and swapping a trace in would mean patching a method on a loaded detector, for two kinds
-out of nine (ensembles and the hand-crafted kinds have no network). `python -m serve.bench` still measures a
-traced forward offline, so the gain left on the table stays visible.
+Network kinds (frozen, triplet) run their forward as a checked TorchScript trace on CPU (`trace` in
+user_config; `serve.model.trace_model`), handed to the detector with `use_forward`: an eager forward holds the GIL
+between kernels and starves the event loop that reads the next batch.
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types (Request) on the ingress methods.

@@ -158,33 +158,6 @@ def _network(detector: str | Path) -> tuple[Any, Any, tuple[int, ...]]:
     return det.forward_module().eval(), det.transform, tuple(det.meta.extra["data_config"]["input_size"])
 
 
-def trace_model(model: Any, input_size: tuple[int, ...], device: Any) -> tuple[Any, str]:
-    """A TorchScript trace of `model` if it reproduces the eager outputs exactly enough, else the model itself.
-
-    Returns (callable, what was chosen and why). Only on CPU. The service does not trace (see serve/app.py);
-    the offline ceiling uses this to show what a trace would gain.
-    """
-    import warnings
-
-    import torch
-
-    if device.type != "cpu":
-        return model, "eager (tracing is used on CPU only)"
-    gen = torch.Generator().manual_seed(0)
-    probe = torch.rand((3, *input_size), generator=gen)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TracerWarnings about Python-level branches: checked below instead
-            traced = torch.jit.trace(model, probe[:2], check_trace=False)
-            # A different batch size than the trace's, so a batch dimension baked into the graph shows.
-            diff = float((traced(probe) - model(probe)).abs().max())
-    except Exception as e:  # any model timm can build may not trace; eager always works
-        return model, f"eager (tracing failed: {type(e).__name__}: {str(e)[:200]})"
-    if not diff <= 1e-6:
-        return model, f"eager (the trace differs from the model by {diff:.2e})"
-    return traced, "torchscript trace"
-
-
 def make_data(out: Path) -> Path:
     from fingerprint.phantoms import make_sample_dataset
 
@@ -222,6 +195,7 @@ def _forward_rates(detector: str, images: list[str], batch_sizes: list[int], thr
     import torch
 
     from fingerprint.data import load_image
+    from serve.model import trace_model
 
     torch.set_num_threads(threads)
     model, transform, input_size = _network(detector)

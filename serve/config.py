@@ -76,6 +76,10 @@ class ServeConfig:
     """Environment variable (read in each replica) holding the bearer token; used when --auth-token is empty."""
     torch_threads: Annotated[int, Range(0)] = 0
     """Intra-op threads for network kinds' forward pass; 0 keeps what Ray set (the replica's num_cpus)."""
+    trace: bool = True
+    """Network kinds on CPU: run the forward as a TorchScript trace (the same kernels without Python between
+    them, so the replica keeps reading requests while it runs). Checked against the eager network at load;
+    eager is used if tracing fails or the outputs differ."""
     reload: int = 0
     """Change this number to reload: re-resolve the alias (hot swap after `fingerprint promote`), re-read the
     detector and its gallery. Requests in flight finish on the detector they started with."""

@@ -29,6 +29,7 @@ from PIL import Image
 from fingerprint import data as fpdata
 from fingerprint.config import ConfigError, flag
 from fingerprint.detectors import Detector, load_detector
+from fingerprint.detectors.networks import NetworkNN
 from fingerprint.imagesets import benchmark_items, real_groups
 from fingerprint.predict import resolve_detector
 from serve.config import ServeConfig
@@ -185,6 +186,35 @@ def reindex(det: Detector, gallery: str | Path, reference: str | Path | None = N
     det.index(gen, [it.id for it in gen_kept], ref, [it.id for it in ref_kept], real_groups(ref_kept, ref))
 
 
+def trace_model(model: Any, input_size: tuple[int, ...], device: Any) -> tuple[Any, str]:
+    """A TorchScript trace of `model` if it reproduces the eager outputs exactly enough, else the model itself.
+
+    Returns (callable, what was chosen and why). Only on CPU: on CUDA the forward waits on the GPU, not on the
+    interpreter. Why trace at all: an eager forward in a replica holds the GIL between kernels and fights the event
+    loop that reads requests; a trace runs the same kernels without Python between them.
+    """
+    import warnings
+
+    import torch
+
+    if device.type != "cpu":
+        return model, "eager (tracing is used on CPU only)"
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.rand((3, *input_size), generator=gen)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings about Python-level branches: checked below instead
+            traced = torch.jit.trace(model, probe[:2], check_trace=False)
+            # A different batch size than the trace's, so a batch dimension baked into the graph shows.
+            diff = float((traced(probe) - model(probe)).abs().max())
+    except Exception as e:  # any model timm can build may not trace; eager always works
+        return model, f"eager (tracing failed: {type(e).__name__}: {str(e)[:200]})"
+    if not diff <= 1e-6:
+        return model, f"eager (the trace differs from the model by {diff:.2e})"
+    return traced, "torchscript trace"
+
+
+
 def load_state(config: ServeConfig) -> ModelState:
     """Load the detector the config names (re-indexed on `gallery` when one is given)."""
     started = time.perf_counter()
@@ -196,7 +226,14 @@ def load_state(config: ServeConfig) -> ModelState:
     if config.gallery:
         reindex(det, config.gallery, config.reference or None)
     threshold = det.threshold if config.threshold is None else float(config.threshold)
-    info.update(arrays_sha256=sha, gallery_source=config.gallery or "detector",
+    forward = "none (no network)"
+    if isinstance(det, NetworkNN):
+        forward = "eager (trace off)"
+        if config.trace:
+            module = det.forward_module()
+            traced, forward = trace_model(module, tuple(det.meta.extra["data_config"]["input_size"]), det.device)
+            det.use_forward(traced if traced is not module else None)
+    info.update(forward=forward, arrays_sha256=sha, gallery_source=config.gallery or "detector",
                 reference_source=(config.reference or config.gallery) or "detector",
                 loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 load_seconds=round(time.perf_counter() - started, 2))

@@ -166,6 +166,8 @@ def test_scores_equal_predict(detectors, sample_bench, name):
     state = load_state(from_user_config({"detector": str(detectors[name])}))
     assert state.info["gallery_source"] == "detector" and state.version == "local"
     assert len(state.detector.gallery_ids) == 96 and state.threshold == state.detector.threshold
+    # Network kinds run a checked TorchScript trace; the scores below still equal predict's eager ones.
+    assert state.info["forward"] == ("torchscript trace" if name == "triplet" else "none (no network)")
     pred = predict_folder(load_detector(detectors[name]), sample_bench)
     expected = dict(zip(pred.ids, pred.scores.score, strict=True))
     paths = sorted((sample_bench / "test" / "real_unknown").glob("*.png"))
@@ -334,7 +336,7 @@ def test_bench_pieces(tmp_path, sample_bench, detectors):
 def test_trace_is_checked_against_the_model():
     import torch
 
-    from serve.bench import trace_model
+    from serve.model import trace_model
 
     class BatchTwoOnly(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
