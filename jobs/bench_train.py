@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from fingerprint.cli import Command
 from fingerprint.config import flag, to_dict, validate
-from jobs.train_ray import RayTrainConfig, build_trainer, init_ray, resolved
+from jobs.train_ray import RayTrainConfig, build_trainer, init_ray, load_state, resolved
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,6 @@ def _sample_data(folder: Path, size: int = 64) -> Path:
 
 def time_workers(config: RayTrainConfig, workers: int) -> dict[str, Any]:
     """One fresh Ray Train run with `workers` workers; the epoch timings from its last checkpoint."""
-    from fingerprint.checkpoint import load_training_state
-
     storage = Path(tempfile.mkdtemp(prefix="fingerprint-bench-"))
     try:
         cfg = dataclasses.replace(config, num_workers=workers, min_workers=0, storage_path=str(storage),
@@ -105,7 +103,7 @@ def time_workers(config: RayTrainConfig, workers: int) -> dict[str, Any]:
         result = build_trainer(cfg).fit()
         wall = time.perf_counter() - t0
         with result.checkpoint.as_directory() as folder:
-            history = load_training_state(folder)["history"]
+            history = load_state(folder)["history"]
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     # rank 0 trains on its 1/workers shard; DDP keeps the ranks in step, so its epoch time is everyone's.

@@ -1,22 +1,26 @@
-"""`fingerprint demo`: the whole loop on this machine: sample data, Ray sweep, MLflow, promotion, predictions, report.
+"""`fingerprint demo`: the whole loop on this machine: sample data, a Ray sweep over detector kinds, MLflow,
+promotion, predictions, report.
 
-    fingerprint demo                                   # what `make demo` runs; about 5 minutes on 2 CPU cores
+    fingerprint demo                                   # what `make demo` runs; a few minutes on 2 CPU cores
     fingerprint demo --weights-dir ../shared/weights   # start backbones that have an offline file from it
 
 Steps, all under --out (default runs/demo):
   1. sample/: a benchmark made here (CT-like phantoms and a small generator that memorised a known half of the
      patients), never copied from elsewhere;
-  2. a sweep over --backbones on an embedded local Ray, 2 workers per trial, MLflow in mlflow.db (artifacts in
-     mlartifacts/), each trial's model registered as a new version of fingerprint-sample, the best = challenger;
+  2. a sweep over detector kinds (--presets) on an embedded local Ray: the seed's triplet fine-tuning per
+     --backbones on Ray Train (2 workers), the label-free and cheap kinds as Ray tasks; every kind validated on
+     the same held-out split, MLflow in mlflow.db (artifacts in mlartifacts/), each detector registered as a
+     new version of fingerprint-sample (an MLflow pyfunc), the best by val_auc = challenger;
   3. promotion: challenger -> champion when it beats the champion on the same validation split;
-  4. the champion downloaded from the registry, `fingerprint predict` on the test part (real_unknown images),
-     `fingerprint evaluate` against the sample's test_labels.csv.
+  4. the champion's detector folder downloaded from the registry, `fingerprint predict` on the test part
+     (real_unknown images), `fingerprint evaluate` against the sample's test_labels.csv.
 Run it again and finished work is reused: the data stays, the sweep is restored, promotion finds nothing to do.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +36,10 @@ log = logging.getLogger(__name__)
 class DemoConfig:
     out: str = "runs/demo"
     """Folder for everything the demo writes (data, MLflow store, Ray storage, reports, predictions)."""
-    backbones: str = "resnet18,mobilenetv2_100,tf_efficientnet_lite0"
-    """Comma-separated timm backbones to sweep (two or three small ones keep the demo within minutes)."""
+    presets: str = "triplet,pixel_ncc,pixel_mass,subspace_mass,gradient_nn,best"
+    """Detectors to compare (fingerprint.detectors.PRESETS names, plus triplet and frozen per backbone)."""
+    backbones: str = "resnet18"
+    """Comma-separated timm backbones for the triplet (and frozen) detectors; one small one keeps the demo short."""
     weights: str = "none"
     """Starting weights for backbones without a file in --weights-dir: 'none' (random, offline) or 'hub'."""
     weights_dir: str = ""
@@ -53,6 +59,8 @@ class DemoConfig:
 
     def problems(self) -> list[str]:
         out = []
+        if not [p for p in self.presets.split(",") if p.strip()]:
+            out.append(f"{flag('presets')}: give at least one detector")
         if not [b for b in self.backbones.split(",") if b.strip()]:
             out.append(f"{flag('backbones')}: give at least one timm model name")
         if self.weights not in ("none", "hub"):
@@ -72,6 +80,8 @@ class DemoResult:
     tracking_uri: str
     registered_model: str
     champion: str | None
+    champion_kind: str
+    detector: Path
     submission: Path
     metrics: dict[str, Any]
     seconds: float
@@ -85,6 +95,7 @@ def main(config: DemoConfig) -> DemoResult:
     from jobs.tracking import resolve_tracking_uri
 
     validate(config)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     t0 = time.perf_counter()
     out = Path(config.out).resolve()
     data = out / "sample"
@@ -97,10 +108,11 @@ def main(config: DemoConfig) -> DemoResult:
     tracking_uri = resolve_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     model_name = "fingerprint-sample"
 
-    log.info("step 2/4: sweep over %s", config.backbones)
+    log.info("step 2/4: sweep over %s (backbones %s)", config.presets, config.backbones)
     swept = sweep.main(sweep.SweepConfig(
         data=str(data), out=str(out / "sweep"), storage_path=str(out / "ray"), tracking_uri=tracking_uri,
-        registered_model=model_name, experiment=model_name, backbones=config.backbones, weights=config.weights,
+        registered_model=model_name, experiment=model_name, presets=config.presets, backbones=config.backbones,
+        weights=config.weights,
         weights_dir=config.weights_dir, image_size=config.image_size, embed_dim=64, epochs=config.epochs,
         triplets_per_epoch=config.triplets_per_epoch, batch_size=16, num_workers=config.num_workers,
         seed=config.seed, augment=True, checkpoints_to_keep=1,
@@ -113,26 +125,33 @@ def main(config: DemoConfig) -> DemoResult:
     if mv is None:
         raise RuntimeError(f"no champion after promotion ({decision.reason}); see the sweep table above")
 
-    log.info("step 4/4: predict and evaluate with champion version %s", mv.version)
-    _, ckpt = registry.download_checkpoint(model_name, "champion", out / "champion")
-    submission = predict.main(predict.PredictConfig(model=str(ckpt), data=str(data), out=str(out / "predict")))
+    kind = (mv.tags or {}).get("detector") or (mv.tags or {}).get("kind", "?")
+    log.info("step 4/4: predict and evaluate with champion version %s (%s)", mv.version, kind)
+    _, detector = registry.download_detector(model_name, "champion", out / "champion")
+    submission = predict.main(predict.PredictConfig(model=str(detector), data=str(data), out=str(out / "predict")))
     metrics = evaluate.main(evaluate.EvaluateConfig(scores=str(out / "predict" / "scores.csv"),
                                                     labels=str(data / "test_labels.csv"), out=str(out / "evaluate"),
                                                     n_boot=500))
     seconds = time.perf_counter() - t0
     db = tracking_uri.removeprefix("sqlite:///")
+    val = registry.version_metrics(mv).get("val_auc", float("nan"))
+    auc = metrics.get("auc", (float("nan"),))[0]
     print(f"""
-Done in {seconds / 60:.1f} min. Where to look:
+Done in {seconds / 60:.1f} min. Champion: {model_name} version {mv.version}, {kind}: validation AUC {val:.3f}, \
+test AUC {auc:.3f} ({len(swept.trials)} detectors compared on one validation split).
+Where to look:
   sweep table         {out / 'sweep' / (swept.sweep_name + '.md')}
-  per-trial reports   {out / 'sweep'}/<trial>/  (training curves, validation ROC, histograms, confusion, evidence)
-  champion            {model_name} version {mv.version}  ->  {ckpt}
+  per-trial outputs   {out / 'sweep'}/<trial>/  (detector folder; triplet: training curves, validation ROC, ...)
+  champion            {model_name} version {mv.version}  ->  {detector}
+  serve it            mlflow models serve -m models:/{model_name}@champion --env-manager local -h 127.0.0.1 \
+(MLFLOW_TRACKING_URI={tracking_uri})
   predictions         {submission}  and  {out / 'predict' / 'scores.csv'}, evidence.png
   test metrics        {out / 'evaluate' / 'metrics.md'}
   alias history       fingerprint promote --model {model_name} --tracking-uri {tracking_uri} --history
   MLflow UI           mlflow ui --backend-store-uri sqlite:///{db}   (then open http://127.0.0.1:5000)
   Ray checkpoints     {out / 'ray'}
 """)
-    return DemoResult(data, tracking_uri, model_name, mv.version, submission,
+    return DemoResult(data, tracking_uri, model_name, mv.version, kind, detector, submission,
                       {k: v[0] for k, v in metrics.items()}, seconds)
 
 

@@ -4,6 +4,9 @@
     fingerprint promote --model fingerprint-sample --dry-run      # print the decision, change nothing
     fingerprint promote --model fingerprint-sample --history      # every recorded alias change
 
+Versions may hold detectors of any kind (pixel, gradient, triplet, ...): they are compared on the validation
+metrics recorded at registration, and every decision names the kinds it compared.
+
 Rules, in order: the candidate (alias `challenger` unless --candidate names another alias or a version number)
 must exist and carry --metric and every --require metric; with no champion yet it becomes champion; otherwise both
 versions must have been validated on the same locked split (hash of the validation ids recorded at registration),
@@ -41,7 +44,7 @@ class PromoteConfig:
     candidate: str = "challenger"
     """Alias or version number of the version to promote."""
     champion: str = "champion"
-    """Alias that serving and the demo load (jobs.registry.download_checkpoint)."""
+    """Alias that serving and the demo load (jobs.registry.download_detector)."""
     dry_run: bool = False
     """Print the decision without moving any alias."""
     history: bool = False
@@ -84,6 +87,15 @@ class Decision:
     """True when the alias actually moved (not a dry run)."""
 
 
+def label(mv: Any) -> str:
+    """'v3 (pixel_ncc, kind pixel)': a version with the detector it holds, for decisions people read."""
+    tags = mv.tags or {}
+    kind, name = tags.get("kind"), tags.get("detector")
+    if not kind:
+        return f"v{mv.version} (kind unknown)"
+    return f"v{mv.version} ({name}, kind {kind})" if name and name != kind else f"v{mv.version} ({kind})"
+
+
 def decide(config: PromoteConfig) -> Decision:
     """The decision for the registry as it is now; changes nothing."""
     from mlflow.exceptions import MlflowException
@@ -105,37 +117,39 @@ def decide(config: PromoteConfig) -> Decision:
     champ = registry.get_alias(config.model, config.champion)
     cm = registry.version_metrics(cand)
     numbers: dict[str, Any] = {f"candidate_{config.metric}": cm.get(config.metric),
-                               "candidate_run_id": cand.run_id}
+                               "candidate_run_id": cand.run_id, "candidate_kind": (cand.tags or {}).get("kind")}
     need = [config.metric, *config.required()]
     missing = [m for m in need if m not in cm or not math.isfinite(cm[m])]
     if missing:
-        return Decision(False, f"refused: version {cand.version} lacks required metric(s) {missing} (it has "
+        return Decision(False, f"refused: {label(cand)} lacks required metric(s) {missing} (it has "
                                f"{sorted(cm) or 'none'}); was it trained with validation (--val-fraction > 0)?",
                         cand.version, champ.version if champ else None, numbers)
     if champ is None:
-        return Decision(True, f"no '{config.champion}' yet: version {cand.version} becomes the first champion "
+        return Decision(True, f"no '{config.champion}' yet: {label(cand)} becomes the first champion "
                               f"({config.metric}={cm[config.metric]:.4f})", cand.version, None, numbers)
-    numbers.update({f"champion_{config.metric}": None, "champion_run_id": champ.run_id})
+    numbers.update({f"champion_{config.metric}": None, "champion_run_id": champ.run_id,
+                    "champion_kind": (champ.tags or {}).get("kind")})
     if champ.version == cand.version:
-        return Decision(False, f"nothing to do: version {cand.version} is already '{config.champion}'",
+        return Decision(False, f"nothing to do: {label(cand)} is already '{config.champion}'",
                         cand.version, champ.version, numbers)
     split_c, split_k = (cand.tags or {}).get(registry.SPLIT_TAG, ""), (champ.tags or {}).get(registry.SPLIT_TAG, "")
     if not split_c or split_c != split_k:
         return Decision(False, (
-            f"refused: version {cand.version} and champion version {champ.version} were not validated on the same "
+            f"refused: {label(cand)} and champion {label(champ)} were not validated on the same "
             f"locked split (split hashes {split_c[:12] or 'missing'} vs {split_k[:12] or 'missing'}); their "
-            f"{config.metric} values are not comparable. Retrain the candidate on the champion's data and seed "
-            f"(see split.json in either run) before promoting"), cand.version, champ.version, numbers)
+            f"{config.metric} values are not comparable. Refit the candidate on the champion's data, --val-fraction "
+            f"and --seed (each detector's meta.json records its split) before promoting"),
+            cand.version, champ.version, numbers)
     km = registry.version_metrics(champ)
     numbers[f"champion_{config.metric}"] = km.get(config.metric)
     if config.metric not in km or not math.isfinite(km[config.metric]):
-        return Decision(False, f"refused: champion version {champ.version} has no {config.metric} to compare with "
+        return Decision(False, f"refused: champion {label(champ)} has no {config.metric} to compare with "
                                f"(it has {sorted(km) or 'none'}); choose another --metric",
                         cand.version, champ.version, numbers)
     gain = cm[config.metric] - km[config.metric]
     numbers["improvement"] = gain
-    compare = (f"{config.metric} {cm[config.metric]:.4f} (v{cand.version}) vs {km[config.metric]:.4f} "
-               f"(v{champ.version}): {gain:+.4f}")
+    compare = (f"{config.metric} {cm[config.metric]:.4f} {label(cand)} vs {km[config.metric]:.4f} "
+               f"{label(champ)}: {gain:+.4f}")
     if gain <= 0 or gain < config.min_improvement:
         need_txt = f"at least {config.min_improvement:g} and more than 0" if config.min_improvement else "more than 0"
         return Decision(False, f"refused: {compare}; the candidate must be better by {need_txt}",

@@ -1,15 +1,22 @@
-"""The MLflow model registry as this project uses it: versions carry a fingerprint checkpoint, aliases pick them.
+"""The MLflow model registry as this project uses it: versions carry a fingerprint detector, aliases pick them.
 
 MLflow 3, aliases only (`champion`, `challenger`); registry stages are deprecated and never used.
 
     with mlflow.start_run():
-        mv = log_checkpoint_model(Path("runs/s1/checkpoint"), "fingerprint-ctbench")   # new version
+        mv = log_detector(Path("runs/grad"), "fingerprint-ctbench")          # new version, any detector kind
     set_alias("fingerprint-ctbench", "champion", mv.version, reason="first version", metrics={...})
-    mv, folder = download_checkpoint("fingerprint-ctbench", "champion")  # folder -> load_checkpoint(folder)
+    mv, folder = download_detector("fingerprint-ctbench", "champion")      # folder -> load_detector(folder)
 
-Each version is an `mlflow.pytorch` model (pickled `EmbeddingNet`, with signature and input example) whose
-`extra_files/` hold the checkpoint folder itself (model.pt + meta.json: threshold, k, data config, split), so a
-consumer (serving, `fingerprint predict`) needs nothing but `fingerprint.checkpoint.load_checkpoint`.
+Each version is an MLflow **pyfunc** model (`jobs.pyfunc.DetectorModel`, logged from code: no pickle) whose
+artifact `detector` is the saved detector folder itself (meta.json + arrays.safetensors + ids.json), with the
+`fingerprint` package as code, a signature and an input example. So `mlflow.pyfunc.load_model(...)` and
+`mlflow models serve` score base64 PNG/JPEG images end to end, and a consumer that only wants the detector
+(serving, `fingerprint predict`) downloads the folder and calls `fingerprint.detectors.load_detector`.
+
+The version carries tags `kind`, `detector` (its name), `threshold`, `split_sha256` (hash of the validation ids,
+so promotion compares versions of any kinds on the same locked split) and `metric.<name>` (the validation metrics,
+so promotion needs no run lookups), plus a readable description; the metrics are also attached to the
+LoggedModel (`mlflow.log_metrics(..., model_id=...)`).
 
 MLflow keeps no history of alias moves, so `set_alias` records each one as a registered-model tag
 `fingerprint.alias_history.<seq>` holding JSON (alias, from/to version, reason, metrics, run ids, time, user);
@@ -30,6 +37,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -39,11 +47,11 @@ log = logging.getLogger(__name__)
 HISTORY_TAG = "fingerprint.alias_history."
 """Prefix of the registered-model tags that record alias changes; the suffix is a zero-padded sequence number."""
 METRIC_TAG = "metric."
-"""Prefix of the model-version tags that copy the checkpoint's metrics (so promotion needs no run lookups)."""
+"""Prefix of the model-version tags that copy the detector's validation metrics (so promotion needs no run lookups)."""
 SPLIT_TAG = "split_sha256"
 """Model-version tag: hash of the validation ids, so promotion compares versions on the same locked split."""
-CHECKPOINT_FILES = ("model.pt", "meta.json")
-"""What a version must carry to be loadable by `fingerprint.checkpoint.load_checkpoint`."""
+DETECTOR_ARTIFACT = "detector"
+"""Name of the pyfunc artifact that holds the detector folder."""
 
 
 class RegistryError(RuntimeError):
@@ -51,96 +59,138 @@ class RegistryError(RuntimeError):
 
 
 def split_digest(split: dict[str, list[str]] | None) -> str:
-    """Stable hash of the validation ids of a checkpoint's split ('' when nothing was held out)."""
+    """Stable hash of the validation ids of a detector's split ('' when nothing was held out)."""
     val = sorted((split or {}).get("val", []))
     if not val:
         return ""
     return hashlib.sha256("\n".join(val).encode()).hexdigest()
 
 
-def _read_meta(checkpoint_dir: Path) -> dict[str, Any]:
-    missing = [n for n in CHECKPOINT_FILES if not (checkpoint_dir / n).is_file()]
-    if missing:
-        found = sorted(p.name for p in checkpoint_dir.iterdir()) if checkpoint_dir.is_dir() else "no such folder"
+def _read_meta(detector_dir: Path) -> dict[str, Any]:
+    from fingerprint.detectors import is_detector_dir
+
+    if not is_detector_dir(detector_dir):
+        found = sorted(p.name for p in detector_dir.iterdir()) if detector_dir.is_dir() else "no such folder"
         raise RegistryError(
-            f"{checkpoint_dir}: not a fingerprint checkpoint (missing {', '.join(missing)}; found {found}); "
-            "give the checkpoint folder written by `fingerprint train` or a Ray Train checkpoint"
+            f"{detector_dir}: not a saved fingerprint detector (needs meta.json and arrays.safetensors; found "
+            f"{found}); give the folder written by `fingerprint fit`, `fingerprint fit-ray` or `train-ray`"
         )
-    return json.loads((checkpoint_dir / "meta.json").read_text())
+    return json.loads((detector_dir / "meta.json").read_text())
 
 
 def _pip_requirements() -> list[str]:
     # Given explicitly: MLflow's own inference imports the model in a subprocess and takes ~10 s per log.
-    import PIL
-    import timm
-    import torch
-    import torchvision
+    from importlib.metadata import version
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
-            f"timm=={timm.__version__}", f"numpy=={np.__version__}", f"pillow=={PIL.__version__}",
-            f"mlflow=={mlflow.__version__}"]
+    pinned = ["torch", "torchvision", "timm", "numpy", "pillow", "safetensors", "scipy", "scikit-learn", "pandas",
+              "mlflow"]
+    out = []
+    for name in pinned:
+        try:
+            out.append(f"{name}=={version(name).split('+')[0]}")
+        except Exception:  # not installed: leave it to the resolver
+            out.append(name)
+    return out
 
 
-def log_checkpoint_model(
-    checkpoint_dir: Path,
+def _png_base64(size: int) -> str:
+    import io
+
+    from PIL import Image
+
+    from jobs.pyfunc import encode_image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(size * size, dtype=np.uint32).reshape(size, size) % 251).astype(np.uint8),
+                    "L").save(buf, format="PNG")
+    return encode_image(buf.getvalue())
+
+
+def _signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "id"), ColSpec("string", "image")])
+    outputs = Schema([ColSpec("string", "id"), ColSpec("double", "score"), ColSpec("long", "decision"),
+                      ColSpec("double", "threshold"), ColSpec("string", "nearest_ids"),
+                      ColSpec("string", "nearest_similarities")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def describe_detector(meta: dict[str, Any]) -> str:
+    """The registered version's description: kind, settings, validation metrics and split sizes."""
+    split = meta.get("split") or {}
+    metrics = meta.get("metrics") or {}
+    name = (meta.get("extra") or {}).get("name") or meta["kind"]
+    lines = [
+        f"fingerprint detector '{name}' (kind {meta['kind']}, signal {meta.get('signal', 'per_image')})",
+        f"settings: {json.dumps(meta.get('settings', {}), sort_keys=True)}",
+        f"threshold: {float(meta.get('threshold', 0.0)):.6g} ({meta.get('threshold_method', '')})",
+        "validation: " + (", ".join(f"{k}={float(v):.4f}" for k, v in sorted(metrics.items())
+                                    if isinstance(v, int | float)) or "none (nothing held out)"),
+        f"split: {len(split.get('train', []))} training / {len(split.get('val', []))} validation images "
+        f"(val sha256 {split_digest(split)[:12] or '-'})",
+    ]
+    return "\n".join(lines)
+
+
+def log_detector(
+    detector_dir: Path,
     registered_model: str,
     *,
-    input_example: np.ndarray | None = None,
     tags: dict[str, str] | None = None,
+    step: int = 0,
     await_registration_for: int = 300,
 ) -> ModelVersion:
-    """Log the checkpoint as an MLflow PyTorch model in the active run and register it as a new version.
+    """Log a saved detector (any kind) as an MLflow pyfunc model in the active run and register a new version.
 
-    The version gets tags `metric.<name>` (the checkpoint's metrics), `split_sha256` (its validation split),
-    `epoch`, `backbone`, and `tags`. `input_example` defaults to a batch of two blank images of the model's
-    input size; a batch of one would also be valid here but fixes the batch dimension of `pt2` exports.
+    The version gets tags `kind`, `detector`, `threshold`, `split_sha256`, `metric.<name>` (its validation
+    metrics) and `tags`, and a description; the metrics are attached to the logged model as well.
     """
-    from fingerprint.checkpoint import load_checkpoint  # torch/timm: heavy, only when a model is logged
-
-    checkpoint_dir = Path(checkpoint_dir)
-    if mlflow.active_run() is None:
-        raise RegistryError("log_checkpoint_model needs an active MLflow run (inside `with mlflow.start_run():`)")
-    meta = _read_meta(checkpoint_dir)
-    ckpt = load_checkpoint(checkpoint_dir)
-    if input_example is None:
-        c, h, w = meta["data_config"]["input_size"]
-        input_example = np.zeros((2, c, h, w), dtype=np.float32)
-    import torch
-
-    with torch.no_grad():
-        output = ckpt.model(torch.from_numpy(np.asarray(input_example, dtype=np.float32))).numpy()
-    signature = mlflow.models.infer_signature(input_example, output)
     import fingerprint
+    import jobs.pyfunc
 
-    info = mlflow.pytorch.log_model(
-        ckpt.model,
+    detector_dir = Path(detector_dir)
+    if mlflow.active_run() is None:
+        raise RegistryError("log_detector needs an active MLflow run (inside `with mlflow.start_run():`)")
+    meta = _read_meta(detector_dir)
+    size = int(((meta.get("extra") or {}).get("data_config") or {}).get("input_size", [1, 32, 32])[-1])
+    example = pd.DataFrame({"id": ["example"], "image": [_png_base64(max(16, min(size, 64)))]})
+    info = mlflow.pyfunc.log_model(
         name="model",
-        # pickle: loads back as the nn.Module in one call and needs no torch.export of every timm backbone;
-        # the library code travels along (code_paths) so loading needs only the pip requirements.
-        serialization_format="pickle",
-        signature=signature,
-        input_example=input_example,
-        pip_requirements=_pip_requirements(),
+        python_model=str(Path(jobs.pyfunc.__file__)),  # a model from code: MLflow stores the file, no pickle
+        artifacts={DETECTOR_ARTIFACT: str(detector_dir)},
         code_paths=[str(Path(fingerprint.__file__).parent)],
-        extra_files=[str(checkpoint_dir / n) for n in CHECKPOINT_FILES],
+        pip_requirements=_pip_requirements(),
+        signature=_signature(),
+        input_example=example,
         registered_model_name=registered_model,
         await_registration_for=await_registration_for,
+        tags={"kind": meta["kind"]},
     )
+    metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items()
+               if isinstance(v, int | float) and np.isfinite(v)}
+    if metrics:
+        mlflow.log_metrics(metrics, step=step, model_id=info.model_id)
     client = MlflowClient()
     version = str(info.registered_model_version)
     version_tags = {
+        "kind": meta["kind"],
+        "detector": str((meta.get("extra") or {}).get("name") or meta["kind"]),
         SPLIT_TAG: split_digest(meta.get("split")),
-        "epoch": str(meta.get("epoch", "")),
-        "backbone": str(meta.get("config", {}).get("backbone", "")),
-        "threshold": repr(float(meta["score"]["threshold"])),
-        **{f"{METRIC_TAG}{k}": repr(float(v)) for k, v in (meta.get("metrics") or {}).items()
-           if isinstance(v, int | float)},
+        "threshold": repr(float(meta.get("threshold", 0.0))),
+        "signal": str(meta.get("signal", "")),
+        **{f"{METRIC_TAG}{k}": repr(v) for k, v in metrics.items()},
         **(tags or {}),
     }
+    backbone = (meta.get("settings") or {}).get("backbone")
+    if backbone:
+        version_tags["backbone"] = str(backbone)
     for key, value in version_tags.items():
         client.set_model_version_tag(registered_model, version, key, value)
+    client.update_model_version(registered_model, version, description=describe_detector(meta))
     mv = get_version(registered_model, version)
-    log.info("registered %s version %s (run %s)", registered_model, version, mv.run_id)
+    log.info("registered %s version %s (%s, run %s)", registered_model, version, meta["kind"], mv.run_id)
     return mv
 
 
@@ -157,7 +207,7 @@ def get_version(registered_model: str, version: str | int) -> ModelVersion:
 
 
 def version_metrics(mv: ModelVersion) -> dict[str, float]:
-    """The checkpoint metrics copied onto a version's tags by `log_checkpoint_model`."""
+    """The validation metrics copied onto a version's tags by `log_detector`."""
     out = {}
     for key, value in (mv.tags or {}).items():
         if key.startswith(METRIC_TAG):
@@ -190,15 +240,17 @@ def describe_model(registered_model: str) -> str:
     return f"aliases {dict(rm.aliases or {})}, versions {sorted(versions, key=int)}"
 
 
-def download_checkpoint(
+def download_detector(
     registered_model: str, alias: str = "champion", dst: Path | None = None
 ) -> tuple[ModelVersion, Path]:
-    """Resolve `alias` to a concrete version and download its checkpoint folder (model.pt + meta.json).
+    """Resolve `alias` to a concrete version and download its detector folder (meta.json + arrays + ids).
 
     The version is resolved once, then downloaded by number, so a promotion in between cannot mix versions.
-    Returns the version and a folder for `fingerprint.checkpoint.load_checkpoint`. `dst` defaults to a new
-    temporary folder (the caller owns it).
+    Returns the version and `<dst>/detector`, a folder for `fingerprint.detectors.load_detector`. `dst`
+    defaults to a new temporary folder (the caller owns it).
     """
+    from fingerprint.detectors import is_detector_dir
+
     mv = get_alias(registered_model, alias)
     if mv is None:
         raise RegistryError(
@@ -210,14 +262,16 @@ def download_checkpoint(
     with tempfile.TemporaryDirectory(dir=dst) as tmp:
         local = Path(mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{registered_model}/{mv.version}", dst_path=tmp))
-        src = local / "extra_files"
-        missing = [n for n in CHECKPOINT_FILES if not (src / n).is_file()]
-        if missing:
-            raise RegistryError(
-                f"{registered_model} version {mv.version} carries no fingerprint checkpoint (missing "
-                f"extra_files/{', '.join(missing)}); it was not logged by jobs.registry.log_checkpoint_model"
-            )
-        out = dst / "checkpoint"
+        src = local / "artifacts" / DETECTOR_ARTIFACT
+        if not is_detector_dir(src):
+            found = [p for p in (local / "artifacts").rglob("meta.json")] if (local / "artifacts").is_dir() else []
+            if len(found) != 1 or not is_detector_dir(found[0].parent):
+                raise RegistryError(
+                    f"{registered_model} version {mv.version} carries no fingerprint detector (no "
+                    f"artifacts/{DETECTOR_ARTIFACT}/meta.json); it was not logged by jobs.registry.log_detector"
+                )
+            src = found[0].parent
+        out = dst / "detector"
         if out.exists():
             shutil.rmtree(out)
         shutil.move(str(src), out)

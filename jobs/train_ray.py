@@ -18,6 +18,12 @@ checkpoint (model, optimizer, scheduler, readable meta.json, validation scores) 
 `ray.train.report`; a restarted worker group resumes from the latest checkpoint. Rank 0 is the only worker that
 talks to MLflow (per-epoch metrics); the driver logs the config, then the reports and the model of the best epoch.
 
+What is registered is a *triplet detector* (`fingerprint.detectors`, kind `triplet`), not the checkpoint: the
+driver loads the best checkpoint's network, indexes the benchmark with it (`use_network` + `index`), sets the
+threshold and validation metrics with `finish_fit` on `load_fit_data(--data, --val-fraction, --seed)` (the split
+every detector kind shares) and logs the folder with `jobs.registry.log_detector`, so promotion compares it with
+any other kind. The checkpoint format (model.pt, meta.json, training_state.pt) stays internal to Ray Train.
+
 The run name is stable (`<backbone>-<hash of the training settings>` unless `--run-name` is given): running the
 same command again resumes the Ray run and the MLflow run instead of starting over.
 """
@@ -52,7 +58,8 @@ NONE = "none"
 @dataclass
 class RayTrainConfig(TrainConfig):
     out: str = "runs/train-ray"
-    """Local folder for each run's reports and a copy of its registered checkpoint (<out>/<run-name>/)."""
+    """Local folder for each run's reports, its triplet detector and a copy of the selected checkpoint
+    (<out>/<run-name>/detector, .../checkpoint)."""
     num_workers: int = 2
     """Ray Train workers (data-parallel replicas); each trains on its own shard of every epoch's triplets."""
     min_workers: int = 0
@@ -172,17 +179,26 @@ def _report_metrics(metrics: dict[str, float], select_metric: str, world_size: i
     return out
 
 
-def _save_validation(path: Path, validation: Any, data: Any) -> None:
-    """validation.npz beside the checkpoint: the driver draws the reports without embedding everything again."""
-    s = validation.scores
-    arrays = dict(score=s.score, generated_similarity=s.generated_similarity, nearest=s.nearest,
-                  nearest_similarity=s.nearest_similarity, labels=validation.labels,
-                  threshold=np.array(validation.threshold), val_ids=np.array(data.val_ids),
-                  gallery_ids=np.array(data.gallery_ids))
-    if s.real_similarity is not None:
-        arrays["real_similarity"] = s.real_similarity
-    np.savez(path / "validation.npz", **arrays)
-    (path / "validation_metrics.json").write_text(json.dumps(validation.metrics, indent=2, sort_keys=True))
+def load_fit(config: TrainConfig) -> Any:
+    """The benchmark as FitData with the locked split every detector kind shares."""
+    from fingerprint.imagesets import load_fit_data
+
+    return load_fit_data(config.data, config.val_fraction, config.seed, config.skip_bad)
+
+
+def load_data(config: TrainConfig, fit_data: Any = None) -> Any:
+    """The triplet loop's TrainingData on that same split."""
+    from fingerprint.training import training_data
+
+    return training_data(fit_data if fit_data is not None else load_fit(config))
+
+
+def load_state(folder: str | Path) -> dict[str, Any] | None:
+    """A checkpoint's training state (model, optimizer, scheduler, epoch, history), tensors and plain data only."""
+    import torch
+
+    f = Path(folder) / "training_state.pt"
+    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -190,8 +206,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from fingerprint.checkpoint import load_training_state
-    from fingerprint.training import EpochEnd, fit, load_training_data
+    from fingerprint.training import EpochEnd, fit
     from jobs.tracking import log_epoch_metrics
 
     config = from_dict(RayTrainConfig, loop_config["config"])
@@ -199,13 +214,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     is_main = rank == 0
-    data = load_training_data(config)  # small image sets: every worker holds them, the sampler shards triplets
+    data = load_data(config)  # small image sets: every worker holds them, the sampler shards triplets
 
     resume = None
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
-            resume = load_training_state(folder)
+            resume = load_state(folder)
         if is_main and resume is not None:
             log.info("resuming after epoch %d from %s (world size %d)", resume["epoch"], restored.path, world)
 
@@ -221,8 +236,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 log.warning("could not log epoch %d metrics to MLflow: %s", end.epoch, e)
         with tempfile.TemporaryDirectory(prefix="fingerprint-ckpt-") as tmp:
             path = end.save(Path(tmp) / "checkpoint")
-            if end.validation is not None:
-                _save_validation(path, end.validation, data)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path),
                              checkpoint_dir_name=f"epoch_{end.epoch:04d}")
 
@@ -294,53 +307,39 @@ def choose_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
     return result.checkpoint, dict(result.metrics or {})
 
 
-def write_run_reports(out: Path, checkpoint_dir: Path, config: RayTrainConfig,
-                      history: list[dict[str, float]] | None = None) -> list[Path]:
-    """History, training curves and the validation pictures (ROC, histograms, confusion, evidence) of a checkpoint.
+def build_detector(config: TrainConfig, checkpoint_dir: Path, fit_data: Any = None) -> Any:
+    """The triplet detector of a checkpoint's network: indexed on the benchmark, thresholded on the training
+    labels, validated on the held-out images of the shared split (``finish_fit``)."""
+    from fingerprint.checkpoint import load_checkpoint
+    from fingerprint.detectors import finish_fit
+    from fingerprint.training import as_detector
 
-    The scores come from validation.npz (computed on rank 0 during training); images are read again here only
-    for the evidence picture. `history` (the whole run's, from the latest checkpoint) defaults to the history
-    saved with this checkpoint, which ends at its epoch.
-    """
-    from fingerprint.checkpoint import load_training_state
-    from fingerprint.scoring import Scores
+    fd = fit_data if fit_data is not None else load_fit(config)
+    ckpt = load_checkpoint(checkpoint_dir)
+    det = as_detector(ckpt.model, ckpt.meta["data_config"], config)
+    det.meta.extra["name"] = f"triplet-{config.backbone}"
+    det.meta.extra["epoch"] = int(ckpt.meta.get("epoch", -1))
+    det.index(fd.generated, fd.generated_ids, fd.real, fd.real_ids, fd.groups)
+    return finish_fit(det, fd, threshold_method=config.threshold_method, target_fpr=config.target_fpr)
+
+
+def write_run_reports(out: Path, detector: Any, config: TrainConfig, history: list[dict[str, float]],
+                      fit_data: Any = None) -> list[Path]:
+    """History, training curves and the validation pictures (ROC, histograms, confusion, evidence) of the
+    registered detector, scored on the held-out images of the shared split."""
+    from fingerprint.io import write_text_atomic
     from fingerprint.train import write_reports
-    from fingerprint.training import FitResult, Validation, load_training_data
+    from fingerprint.training import FitResult, Validation
 
-    state = load_training_state(checkpoint_dir) or {}
-    meta = json.loads((checkpoint_dir / "meta.json").read_text())
-    history = list(history if history is not None else state.get("history", []))
-    npz = checkpoint_dir / "validation.npz"
+    data = load_data(config, fit_data)
     validation = None
-    data = None
-    if npz.is_file():
-        v = np.load(npz)
-        data = load_training_data(config)
-        if list(v["val_ids"]) != data.val_ids or list(v["gallery_ids"]) != data.gallery_ids:
-            raise RuntimeError(
-                f"{npz}: the validation split recorded in the checkpoint differs from the one rebuilt from "
-                f"{config.data}; did the data change since training? (seed {config.seed})"
-            )
-        scores = Scores(v["score"], v["generated_similarity"],
-                        v["real_similarity"] if "real_similarity" in v else None, v["nearest"],
-                        v["nearest_similarity"])
-        metrics = {k: float(x) for k, x in meta.get("metrics", {}).items() if k.startswith("val_")}
-        validation = Validation(metrics, float(v["threshold"]), scores, v["labels"])
-    result = FitResult(None, meta["data_config"], history, validation, float(meta["score"]["threshold"]))  # type: ignore[arg-type]
-    written = write_reports(out, result, data) if data is not None else _history_only(out, result)
-    from fingerprint.io import write_text_atomic
-
-    written.append(write_text_atomic(out / "split.json", json.dumps(meta.get("split", {}), indent=2)))
-    return written
-
-
-def _history_only(out: Path, result: Any) -> list[Path]:
-    from fingerprint import plots
-    from fingerprint.io import write_text_atomic
-
-    written = [write_text_atomic(out / "history.json", json.dumps(result.history, indent=2))]
-    if result.history:
-        written.append(plots.training_curves(result.history, out / "training_curves.png"))
+    if len(data.val_images) and len(np.unique(data.val_labels)) == 2:
+        scores = detector.score(data.val_images, data.val_ids)
+        validation = Validation(dict(detector.meta.metrics), detector.threshold, scores, data.val_labels, detector)
+    result = FitResult(detector.net, detector.meta.extra.get("data_config", {}), list(history), validation,
+                       detector.threshold)
+    written = write_reports(out, result, data)
+    written.append(write_text_atomic(out / "split.json", json.dumps(detector.meta.split, indent=2)))
     return written
 
 
@@ -349,8 +348,12 @@ class TrainRayResult:
     run_name: str
     checkpoint: Path
     """Local copy of the selected checkpoint (model.pt + meta.json), loadable by fingerprint.checkpoint."""
+    detector: Path
+    """The triplet detector built from it (what is registered), loadable by fingerprint.detectors.load_detector."""
     metrics: dict[str, float]
     """The selected checkpoint's metrics (rank 0's report of that epoch)."""
+    detector_metrics: dict[str, float]
+    """The registered detector's validation metrics (val_auc, ...) on the shared split."""
     ray_path: str
     """Where Ray Train stored the run (checkpoints, state) under --storage-path."""
     mlflow_run_id: str | None = None
@@ -392,41 +395,42 @@ def run_training(
         local = run_out / "checkpoint"
         with checkpoint.as_directory() as folder:
             _copy_checkpoint(Path(folder), local)
-        reports = write_run_reports(run_out, local, config, history=_latest_history(result))
         epoch = int(metrics.get("epoch", json.loads((local / "meta.json").read_text()).get("epoch", -1)))
         log.info("%s: selected epoch %d (%s=%s) from %s", config.run_name, epoch, config.select_metric,
                  metrics.get(config.select_metric), checkpoint.path)
+        fd = load_fit(config)
+        detector = build_detector(config, local, fd)
+        detector_dir = detector.save(run_out / "detector")
+        reports = write_run_reports(run_out, detector, config, _latest_history(result) or [], fd)
 
         version = None
         if track:
             mlflow.log_metrics({f"selected_{k}": v for k, v in tracking.finite_metrics(metrics).items()})
-            meta = json.loads((local / "meta.json").read_text())
-            mlflow.set_tags({registry.SPLIT_TAG: registry.split_digest(meta.get("split")),
-                             "selected_epoch": str(epoch), "ray_path": result.path})
+            mlflow.set_tags({registry.SPLIT_TAG: registry.split_digest(detector.meta.split),
+                             "selected_epoch": str(epoch), "ray_path": result.path, "kind": "triplet",
+                             "detector_path": str(detector_dir)})
             for path in reports:
                 mlflow.log_artifact(str(path), artifact_path="reports")
-            version = _register_once(config, local, run_id, tags)
-        return TrainRayResult(config.run_name, local, {k: float(v) for k, v in metrics.items()
-                                                       if isinstance(v, int | float)},
-                              result.path, run_id, version, reports)
+            version = _register_once(config, detector_dir, run_id, tags, step=config.epochs)
+        return TrainRayResult(config.run_name, local, detector_dir,
+                              {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+                              dict(detector.meta.metrics), result.path, run_id, version, reports)
 
 
 def _latest_history(result: Any) -> list[dict[str, float]] | None:
-    from fingerprint.checkpoint import load_training_state
-
     if result.checkpoint is None:
         return None
     with result.checkpoint.as_directory() as folder:
-        state = load_training_state(folder)
+        state = load_state(folder)
     return None if state is None else list(state.get("history", []))
 
 
 REGISTERED_TAG = "fingerprint.registered_version"
 
 
-def _register_once(config: RayTrainConfig, checkpoint: Path, run_id: str | None, tags: dict[str, str] | None
-                   ) -> str | None:
-    """Register the checkpoint unless this (resumed) run already did: a restart must not add a twin version."""
+def _register_once(config: RayTrainConfig, detector_dir: Path, run_id: str | None, tags: dict[str, str] | None,
+                   step: int = 0) -> str | None:
+    """Register the triplet detector unless this (resumed) run already did: a restart must not add a twin version."""
     import mlflow
 
     from jobs import registry
@@ -437,8 +441,8 @@ def _register_once(config: RayTrainConfig, checkpoint: Path, run_id: str | None,
     if done:
         log.info("run %s already registered %s version %s", config.run_name, config.registered_model, done)
         return done
-    mv = registry.log_checkpoint_model(checkpoint, config.registered_model,
-                                       tags={"run_name": config.run_name, **(tags or {})})
+    mv = registry.log_detector(detector_dir, config.registered_model,
+                               tags={"run_name": config.run_name, **(tags or {})}, step=step)
     mlflow.set_tag(REGISTERED_TAG, str(mv.version))
     return str(mv.version)
 
@@ -462,9 +466,11 @@ def main(config: RayTrainConfig) -> TrainRayResult:
         from jobs import registry
 
         registry.set_alias(config.registered_model, config.challenger_alias, out.model_version,
-                           reason=f"train-ray run {config.run_name}", metrics=out.metrics)
-    print(f"run {out.run_name}: {config.select_metric}={out.metrics.get(config.select_metric, float('nan')):.4f}"
-          f" checkpoint {out.checkpoint}")
+                           reason=f"train-ray run {config.run_name} (kind triplet)",
+                           metrics=out.detector_metrics or out.metrics)
+    print(f"run {out.run_name}: {config.select_metric}="
+          f"{out.detector_metrics.get(config.select_metric, float('nan')):.4f} detector {out.detector}"
+          f" (checkpoint {out.checkpoint})")
     if out.model_version is not None:
         print(f"registered {config.registered_model} version {out.model_version}"
               + (f" (alias {config.challenger_alias})" if config.challenger_alias else ""))

@@ -17,8 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray_fixtures import ray_cluster  # noqa: F401  (fixture)
 
-from fingerprint.checkpoint import load_training_state
-from jobs.train_ray import RayTrainConfig, resolved, run_training
+from jobs.train_ray import RayTrainConfig, load_state, resolved, run_training
 
 EPOCHS = 5
 
@@ -58,7 +57,7 @@ def test_losing_a_worker_node_resumes_from_the_last_checkpoint(ray_cluster, samp
     result = outcome["result"]
 
     # the final state holds every epoch exactly once
-    state = load_training_state(_latest_checkpoint(Path(result.ray_path)))
+    state = load_state(_latest_checkpoint(Path(result.ray_path)))
     assert [int(h["epoch"]) for h in state["history"]] == list(range(EPOCHS))
 
     # rank 0 logged each epoch it trained: a restart shows as a repeated step, at world size 1 afterwards

@@ -1,4 +1,5 @@
-"""Registry and promotion against a real sqlite MLflow store (no Ray): versions, aliases, history, refusals."""
+"""Registry and promotion against a real sqlite MLflow store (no Ray): versions of any detector kind, aliases,
+history, refusals that name the kinds."""
 
 from __future__ import annotations
 
@@ -7,21 +8,26 @@ import shutil
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytest
-import torch
 
-from fingerprint.checkpoint import load_checkpoint
-from fingerprint.config import ConfigError, TrainConfig
+from fingerprint.config import ConfigError
+from fingerprint.detectors import PRESETS, fit_detector, load_detector
+from fingerprint.imagesets import load_fit_data
 from jobs import promote, registry
 
 
 @pytest.fixture(scope="module")
-def checkpoint(sample_bench, tiny_train_kwargs, tmp_path_factory) -> Path:
-    from fingerprint import train
-
-    out = tmp_path_factory.mktemp("regtrain")
-    return train.main(TrainConfig(data=str(sample_bench), out=str(out), **{**tiny_train_kwargs, "epochs": 1}))
+def detectors(sample_bench, tmp_path_factory) -> dict[str, Path]:
+    """Two kinds fitted on the same locked split."""
+    out = tmp_path_factory.mktemp("regdet")
+    data = load_fit_data(sample_bench, 0.25, 0)
+    folders = {}
+    for name in ("pixel_ncc", "gradient_nn"):
+        kind, settings = PRESETS[name]
+        det = fit_detector(kind, settings, data)
+        det.meta.extra["name"] = name
+        folders[name] = det.save(out / name)
+    return folders
 
 
 @pytest.fixture
@@ -34,7 +40,7 @@ def store(tmp_path):
 
 
 def variant(src: Path, dst: Path, *, metrics: dict | None = None, val_ids: list[str] | None = None) -> Path:
-    """A copy of the checkpoint whose meta.json claims other metrics or another validation split."""
+    """A copy of the detector whose meta.json claims other metrics or another validation split."""
     shutil.copytree(src, dst)
     meta = json.loads((dst / "meta.json").read_text())
     if metrics is not None:
@@ -45,55 +51,51 @@ def variant(src: Path, dst: Path, *, metrics: dict | None = None, val_ids: list[
     return dst
 
 
-def register(ckpt: Path) -> str:
+def register(folder: Path) -> str:
     with mlflow.start_run():
-        return registry.log_checkpoint_model(ckpt, "fp").version
+        return registry.log_detector(folder, "fp").version
 
 
-def test_version_carries_a_loadable_checkpoint_and_a_pyfunc_model(store, checkpoint, tmp_path):
+def test_versions_of_two_kinds_download_as_detector_folders(store, detectors, tmp_path):
     with mlflow.start_run() as run:
-        mv = registry.log_checkpoint_model(checkpoint, "fp")
-    assert mv.version == "1" and mv.run_id == run.info.run_id
-    meta = json.loads((checkpoint / "meta.json").read_text())
-    assert mv.tags[registry.SPLIT_TAG] == registry.split_digest(meta["split"]) != ""
-    assert float(mv.tags["metric.val_auc"]) == pytest.approx(meta["metrics"]["val_auc"])
+        mv = registry.log_detector(detectors["pixel_ncc"], "fp")
+    v2 = register(detectors["gradient_nn"])
+    assert mv.version == "1" and v2 == "2" and mv.run_id == run.info.run_id
+    meta = json.loads((detectors["pixel_ncc"] / "meta.json").read_text())
+    assert mv.tags["kind"] == "pixel" and registry.get_version("fp", v2).tags["kind"] == "gradient"
+    assert mv.tags[registry.SPLIT_TAG] == registry.get_version("fp", v2).tags[registry.SPLIT_TAG] != ""
     assert registry.version_metrics(mv)["val_auc"] == pytest.approx(meta["metrics"]["val_auc"])
+    assert "kind pixel" in mv.description and '"metric": "ncc"' in mv.description
 
-    registry.set_alias("fp", "champion", mv.version, reason="first", metrics={"val_auc": 0.5})
-    got, folder = registry.download_checkpoint("fp", "champion", tmp_path / "dl")
-    assert got.version == "1" and sorted(p.name for p in folder.iterdir()) == ["meta.json", "model.pt"]
-    original, loaded = load_checkpoint(checkpoint), load_checkpoint(folder)
-    assert loaded.threshold == original.threshold and loaded.meta["data_config"] == original.meta["data_config"]
-    x = torch.rand(3, 1, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(loaded.model(x), original.model(x), atol=1e-6)
-        # the MLflow flavour itself (batch of 3: the logged example had 2, the batch dimension stays free)
-        flavoured = mlflow.pytorch.load_model("models:/fp@champion")
-        assert torch.allclose(flavoured(x), original.model(x), atol=1e-6)
-    pyfunc = mlflow.pyfunc.load_model("models:/fp/1")
-    assert np.asarray(pyfunc.predict(x.numpy())).shape == (3, 16)
+    registry.set_alias("fp", "champion", v2, reason="first", metrics={"val_auc": 0.5})
+    got, folder = registry.download_detector("fp", "champion", tmp_path / "dl")
+    assert got.version == "2" and sorted(p.name for p in folder.iterdir()) == \
+        ["arrays.safetensors", "ids.json", "meta.json"]
+    original, loaded = load_detector(detectors["gradient_nn"]), load_detector(folder)
+    assert loaded.kind == "gradient" and loaded.threshold == original.threshold
+    assert loaded.gallery_ids == original.gallery_ids
 
 
-def test_clear_errors(store, checkpoint, tmp_path):
+def test_clear_errors(store, detectors, tmp_path):
     with pytest.raises(registry.RegistryError, match="active MLflow run"):
-        registry.log_checkpoint_model(checkpoint, "fp")
-    with mlflow.start_run(), pytest.raises(registry.RegistryError, match="missing model.pt"):
+        registry.log_detector(detectors["pixel_ncc"], "fp")
+    with mlflow.start_run(), pytest.raises(registry.RegistryError, match="not a saved fingerprint detector"):
         (tmp_path / "empty").mkdir()
-        registry.log_checkpoint_model(tmp_path / "empty", "fp")
+        registry.log_detector(tmp_path / "empty", "fp")
     with pytest.raises(registry.RegistryError, match="no registered model 'nope'"):
-        registry.download_checkpoint("nope")
-    register(checkpoint)
+        registry.download_detector("nope")
+    register(detectors["pixel_ncc"])
     with pytest.raises(registry.RegistryError, match=r"no alias 'champion'.*versions \['1'\].*fingerprint promote"):
-        registry.download_checkpoint("fp")
+        registry.download_detector("fp")
 
 
-def test_promotion_rules_and_history(store, checkpoint, tmp_path, capsys):
-    base = json.loads((checkpoint / "meta.json").read_text())
-    val_ids = base["split"]["val"]
-    v1 = register(variant(checkpoint, tmp_path / "a", metrics={"val_auc": 0.70, "val_f1": 0.6}))
-    v2 = register(variant(checkpoint, tmp_path / "b", metrics={"val_auc": 0.72, "val_f1": 0.6}))
-    v3 = register(variant(checkpoint, tmp_path / "c", metrics={"val_auc": 0.90}))
-    v4 = register(variant(checkpoint, tmp_path / "d", metrics={"val_auc": 0.95, "val_f1": 0.7},
+def test_promotion_rules_and_history(store, detectors, tmp_path, capsys):
+    pixel, grad = detectors["pixel_ncc"], detectors["gradient_nn"]
+    val_ids = json.loads((pixel / "meta.json").read_text())["split"]["val"]
+    v1 = register(variant(pixel, tmp_path / "a", metrics={"val_auc": 0.70, "val_f1": 0.6}))
+    v2 = register(variant(grad, tmp_path / "b", metrics={"val_auc": 0.72, "val_f1": 0.6}))
+    v3 = register(variant(grad, tmp_path / "c", metrics={"val_auc": 0.90}))
+    v4 = register(variant(pixel, tmp_path / "d", metrics={"val_auc": 0.95, "val_f1": 0.7},
                           val_ids=val_ids[1:]))
     cfg = dict(model="fp", metric="val_auc", tracking_uri=store)
 
@@ -113,6 +115,8 @@ def test_promotion_rules_and_history(store, checkpoint, tmp_path, capsys):
     registry.set_alias("fp", "challenger", v2, reason="test", metrics={})
     d = promote.main(promote.PromoteConfig(**cfg, min_improvement=0.05))
     assert not d.promote and "+0.0200" in d.reason and "at least 0.05" in d.reason
+    # the decision names the kinds it compared: a gradient candidate against a pixel champion
+    assert f"v{v2} (gradient_nn, kind gradient)" in d.reason and f"v{v1} (pixel_ncc, kind pixel)" in d.reason
     assert registry.get_alias("fp", "champion").version == v1
 
     # a required metric is missing
@@ -122,11 +126,12 @@ def test_promotion_rules_and_history(store, checkpoint, tmp_path, capsys):
 
     # another validation split: not comparable, whatever the numbers
     d = promote.main(promote.PromoteConfig(**cfg, candidate=v4))
-    assert not d.promote and "same locked split" in d.reason
+    assert not d.promote and "same locked split" in d.reason and "kind pixel" in d.reason
 
     # better by the margin with every required metric: promoted, and worse is refused afterwards
     d = promote.main(promote.PromoteConfig(**cfg, candidate=v3, min_improvement=0.1))
     assert d.applied and d.champion == v1 and registry.get_alias("fp", "champion").version == v3
+    assert d.metrics["candidate_kind"] == "gradient" and d.metrics["champion_kind"] == "pixel"
     d = promote.main(promote.PromoteConfig(**cfg, candidate=v2))
     assert not d.promote and "-0.1800" in d.reason
 
@@ -142,8 +147,8 @@ def test_promotion_rules_and_history(store, checkpoint, tmp_path, capsys):
     assert printed.count("| champion ") == 2 and printed.count("| challenger ") == 3
 
 
-def test_moving_an_alias_to_a_missing_version_keeps_the_champion(store, checkpoint):
-    v1 = register(checkpoint)
+def test_moving_an_alias_to_a_missing_version_keeps_the_champion(store, detectors):
+    v1 = register(detectors["pixel_ncc"])
     registry.set_alias("fp", "champion", v1, reason="first", metrics={})
     with pytest.raises(mlflow.exceptions.MlflowException):
         registry.set_alias("fp", "champion", "99", reason="typo", metrics={})

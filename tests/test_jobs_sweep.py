@@ -1,77 +1,113 @@
-"""The backbone sweep through Ray Tune (one TorchTrainer per trial) and the demo's whole loop, on a real local Ray
-with a real sqlite MLflow store."""
+"""The sweep over detector kinds through Ray Tune (a TorchTrainer per triplet trial, a Ray task per other kind),
+`fingerprint fit-ray`, and the demo's whole loop, on a real local Ray with a real sqlite MLflow store."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 from ray_fixtures import ray_local  # noqa: F401  (fixture)
 
 from fingerprint.config import ConfigError
-from jobs import demo, registry, sweep
+from fingerprint.detectors import load_detector
+from jobs import demo, fit_ray, registry, sweep
 from jobs.train_ray import REGISTERED_TAG
 
 
-def test_grid_and_names(tmp_path):
-    cfg = sweep.SweepConfig(data=str(tmp_path), backbones="resnet18, mobilenetv2_100,resnet18", lrs="1e-4,3e-4",
-                            embed_dims="16")
-    grid = cfg.grid()
-    assert grid == {"backbone": ["resnet18", "mobilenetv2_100"], "lr": [1e-4, 3e-4], "margin": [0.5],
-                    "embed_dim": [16]}
+def test_specs_and_names(tmp_path):
+    cfg = sweep.SweepConfig(data=str(tmp_path), presets="triplet,frozen,pixel_ncc,triplet",
+                            backbones="resnet18, mobilenetv2_100,resnet18", lrs="1e-4,3e-4", embed_dims="16")
+    specs = cfg.specs()
+    assert [s["trial"] for s in specs] == [
+        "triplet-resnet18-lr0.0001-m0.5-d16", "triplet-resnet18-lr0.0003-m0.5-d16",
+        "triplet-mobilenetv2_100-lr0.0001-m0.5-d16", "triplet-mobilenetv2_100-lr0.0003-m0.5-d16",
+        "frozen-resnet18", "frozen-mobilenetv2_100", "pixel_ncc"]
+    assert [s["mode"] for s in specs] == ["train"] * 4 + ["task"] * 3
+    assert specs[-1]["kind"] == "pixel" and specs[-1]["settings"] == {"metric": "ncc", "k": 1}
     name = sweep.default_sweep_name(cfg)
     assert name == sweep.default_sweep_name(cfg) and name.startswith("sweep-")
-    assert name != sweep.default_sweep_name(sweep.SweepConfig(data=str(tmp_path), backbones="resnet18"))
-    assert sweep.trial_name(name, {"backbone": "resnet18", "lr": 3e-4, "margin": 0.5, "embed_dim": 16}) == \
-        f"{name}-resnet18-lr0.0003-m0.5-d16"
+    assert name != sweep.default_sweep_name(sweep.SweepConfig(data=str(tmp_path), presets="pixel_ncc"))
+    assert sweep.trial_name(name, specs[1]) == f"{name}-triplet-resnet18-lr0.0003-m0.5-d16"
     with pytest.raises(ConfigError) as e:
-        sweep.main(sweep.SweepConfig(data=str(tmp_path), backbones=" ", lrs="fast", run_name="x"))
-    assert "--lrs" in str(e.value) and "--run-name" in str(e.value)
+        sweep.main(sweep.SweepConfig(data=str(tmp_path), presets="triplet,nope", lrs="fast", run_name="x"))
+    text = str(e.value)
+    assert "--lrs" in text and "--run-name" in text and "--presets: unknown nope" in text
     weights = tmp_path / "w"
     weights.mkdir()
     (weights / "mobilenetv2_100.safetensors").write_bytes(b"")
     assert sweep.weights_for("mobilenetv2_100", str(weights), "none") == str(weights / "mobilenetv2_100.safetensors")
     assert sweep.weights_for("resnet18", str(weights), "none") == "none"
+    with pytest.raises(ConfigError, match="--presets: unknown preset 'nope'"):
+        fit_ray.main(fit_ray.FitRayConfig(data=str(tmp_path), presets="pixel_ncc,nope"))
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_local")
+def test_fit_ray_fits_tasks_tracks_registers_and_reuses(sample_bench, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = fit_ray.FitRayConfig(data=str(sample_bench), presets="pixel_ncc,gradient_nn", out=str(tmp_path / "out"),
+                               tracking_uri=uri)
+    rows = fit_ray.main(cfg)
+    assert sorted(r["kind"] for r in rows) == ["gradient", "pixel"]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("fingerprint-sample")
+    runs = client.search_runs([exp.experiment_id])
+    assert {r.data.params["kind"] for r in runs} == {"pixel", "gradient"}
+    pixel = next(r for r in runs if r.data.params["kind"] == "pixel")
+    assert pixel.data.params["settings.metric"] == "ncc" and "val_auc" in pixel.data.metrics
+    versions = client.search_model_versions("name='fingerprint-sample'")
+    assert len(versions) == 2 and len({v.tags[registry.SPLIT_TAG] for v in versions}) == 1  # one locked split
+    for r in rows:
+        assert load_detector(r["path"]).meta.metrics == pytest.approx(r["metrics"])
+    best = max(rows, key=lambda r: r["metrics"]["val_auc"])
+    assert registry.get_alias("fingerprint-sample", "challenger").version == best["version"]
+    assert "best:" in capsys.readouterr().out
+
+    # the same command again reuses the registered detectors: no refit, no new version
+    again = fit_ray.main(cfg)
+    assert all(r.get("reused") for r in again)
+    assert len(client.search_model_versions("name='fingerprint-sample'")) == 2
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
-def test_demo_sweeps_backbones_promotes_predicts_and_resumes(tmp_path, capsys):
-    """The main job with two backbones: a Tune sweep of TorchTrainers, nested MLflow runs, a version per trial,
-    the best as challenger then champion, predictions on the test part scored against its labels; run twice."""
-    cfg = demo.DemoConfig(out=str(tmp_path / "demo"), backbones="resnet18,mobilenetv2_100", image_size=32,
-                          epochs=1, triplets_per_epoch=32, patients=8)
+def test_demo_sweeps_kinds_promotes_predicts_and_resumes(tmp_path, capsys):
+    """The main job: a Tune sweep over a triplet (Ray Train) and two label-free kinds (Ray tasks), nested MLflow
+    runs, a version per trial, the best as challenger then champion, predictions on the test part scored against
+    its labels; run twice."""
+    cfg = demo.DemoConfig(out=str(tmp_path / "demo"), presets="triplet,pixel_ncc,gradient_nn", backbones="resnet18",
+                          image_size=32, epochs=1, triplets_per_epoch=32, patients=8)
     out = demo.main(cfg)
     printed = capsys.readouterr().out
     assert "mlflow ui --backend-store-uri sqlite:///" in printed and "alias history" in printed
+    assert "mlflow models serve -m models:/fingerprint-sample@champion" in printed
 
-    # the sweep: one nested MLflow run and one registered version per backbone, the best one is challenger
+    # the sweep: one nested MLflow run and one registered version per detector, all on one split
     client = MlflowClient(out.tracking_uri)
     exp = client.get_experiment_by_name("fingerprint-sample")
-    (parent,) = client.search_runs([exp.experiment_id], "tags.sweep != '' and params.n_trials = '2'")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.sweep != '' and params.n_trials = '3'")
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert {r.data.params["backbone"] for r in children} == {"resnet18", "mobilenetv2_100"}
-    assert {r.data.tags[REGISTERED_TAG] for r in children} == {"1", "2"}
-    best = max(children, key=lambda r: (r.data.metrics["selected_val_auc"], r.data.tags[REGISTERED_TAG]))
+    assert sorted(r.data.tags["kind"] for r in children) == ["gradient", "pixel", "triplet"]
+    assert sorted(r.data.tags[REGISTERED_TAG] for r in children) == ["1", "2", "3"]
+    versions = client.search_model_versions("name='fingerprint-sample'")
+    assert len({v.tags[registry.SPLIT_TAG] for v in versions}) == 1
+    best = max(versions, key=lambda v: (registry.version_metrics(v)["val_auc"], -int(v.version)))
     challenger = registry.get_alias("fingerprint-sample", "challenger")
-    assert registry.version_metrics(challenger)["val_auc"] == pytest.approx(best.data.metrics["selected_val_auc"])
+    assert registry.version_metrics(challenger)["val_auc"] == pytest.approx(registry.version_metrics(best)["val_auc"])
 
-    # promotion made it champion (the first one), and predictions + evaluation used it
-    assert out.champion == challenger.version
-    assert [e["alias"] for e in registry.alias_history("fingerprint-sample")] == ["challenger", "champion"]
+    # promotion made it champion (the first one), and predictions + evaluation used its detector folder
+    assert out.champion == challenger.version and load_detector(out.detector).kind == challenger.tags["kind"]
+    history = registry.alias_history("fingerprint-sample")
+    assert [e["alias"] for e in history] == ["challenger", "champion"] and "kind" in history[0]["reason"]
     lines = out.submission.read_text().splitlines()
     assert len(lines) > 4 and all(line.split(",")[1] in ("0", "1") for line in lines)
-    assert (tmp_path / "demo" / "evaluate" / "metrics.md").is_file() and 0 <= out.metrics["auc"] <= 1
+    assert (tmp_path / "demo" / "evaluate" / "metrics.md").is_file() and out.metrics["auc"] > 0.5
     assert sorted(p.name for p in (tmp_path / "demo" / "sweep").glob("*.md")) == [f"{parent.info.run_name}.md"]
 
-    # the same command again: the sweep is restored (nothing retrained or registered), promotion has nothing to do
-    t0 = time.perf_counter()
+    # the same command again: the sweep is restored (nothing refitted or registered), promotion has nothing to do
     again = demo.main(cfg)
     assert again.champion == out.champion
-    assert len(client.search_model_versions("name='fingerprint-sample'")) == 2
-    assert len(client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 2
+    assert len(client.search_model_versions("name='fingerprint-sample'")) == 3
+    assert len(client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 3
     assert [e["alias"] for e in registry.alias_history("fingerprint-sample")] == ["challenger", "champion"]
     assert "nothing to do" in capsys.readouterr().out
-    assert time.perf_counter() - t0 < 90
