@@ -169,7 +169,7 @@ echo "local_multinode: head and worker nodes are up"
 # The sweep as a driver attached to the cluster through RAY_ADDRESS. Two Ray Train workers of one CPU each
 # cannot fit on one node, so every trial trains across both nodes.
 cd "$WORK"
-"$PYTHON" -m jobs.sweep --data "$WORK/data/sample" --backbones "$BACKBONES" --weights none --image-size 32 \
-  --embed-dim 16 --epochs 1 --triplets-per-epoch 32 --batch-size 8 --k 3 --num-workers 2 --cpus-per-worker 1 \
+"$PYTHON" -m jobs.sweep --data "$WORK/data/sample" --presets triplet --backbones "$BACKBONES" --weights none \
+  --image-size 32 --embed-dim 16 --epochs 1 --triplets-per-epoch 32 --batch-size 8 --k 3 --num-workers 2 --cpus-per-worker 1 \
   --storage-path "$WORK/ray-results" --tracking-uri "sqlite:///$WORK/mlflow.db" --out "$WORK/runs" "$@"
 echo "local_multinode: sweep finished"

@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from fingerprint import cli
+from fingerprint.commands import cli
 
 
 def run_command(name: str, load: Callable[[], cli.Command], argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fingerprint.cli import Command
+from fingerprint.commands.cli import Command
 from fingerprint.config import flag, to_dict, validate
 from jobs.train_ray import RayTrainConfig, build_trainer, init_ray, load_state, resolved
 
@@ -86,7 +86,7 @@ class BenchTrainConfig(RayTrainConfig):
 
 
 def _sample_data(folder: Path, size: int = 64) -> Path:
-    from fingerprint.phantoms import make_sample_dataset
+    from fingerprint.data.phantoms import make_sample_dataset
 
     make_sample_dataset(folder, n_patients=20, slices_per_patient=4, size=size, n_generated_dev=100,
                         n_generated_test=100, n_reference_patients=20, seed=0)
@@ -116,7 +116,7 @@ def time_workers(config: RayTrainConfig, workers: int) -> dict[str, Any]:
 
 def time_local(config: RayTrainConfig) -> dict[str, Any]:
     """The library's `fit` in this process on one device: what each Ray worker runs, without Ray."""
-    from fingerprint.training import fit, load_training_data
+    from fingerprint.detectors.triplet.training import fit, load_training_data
 
     data = load_training_data(config)
     device = "cuda" if config.use_gpu else "cpu"
@@ -182,8 +182,8 @@ def main(config: BenchTrainConfig) -> dict[str, Any]:
         "results": rows,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    from fingerprint.evaluation.metrics import format_table
     from fingerprint.io import write_text_atomic
-    from fingerprint.metrics import format_table
 
     path = Path(config.results)
     write_text_atomic(path, json.dumps(report, indent=2) + "\n")

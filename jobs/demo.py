@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fingerprint.cli import Command
+from fingerprint.commands.cli import Command
 from fingerprint.config import flag, validate
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ class DemoResult:
 
 def main(config: DemoConfig) -> DemoResult:
     """Run every step (reusing finished ones) and print where to look."""
-    from fingerprint import evaluate, predict
-    from fingerprint.phantoms import make_sample_dataset
+    from fingerprint.commands import evaluate, predict
+    from fingerprint.data.phantoms import make_sample_dataset
     from jobs import promote, registry, sweep
     from jobs.tracking import resolve_tracking_uri
 

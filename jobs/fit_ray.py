@@ -30,7 +30,7 @@ from typing import Any
 
 import ray
 
-from fingerprint.cli import Command
+from fingerprint.commands.cli import Command
 from fingerprint.config import flag, validate
 from jobs.train_ray import NONE, REGISTERED_TAG, safe_name
 
@@ -92,8 +92,8 @@ def run_name(spec: FitSpec, data: str, val_fraction: float, seed: int) -> str:
 def fit_to_folder(spec: dict[str, Any], data: str, val_fraction: float, seed: int, skip_bad: bool,
                   out_dir: str) -> dict[str, Any]:
     """Fit one detector on the benchmark's locked split and save it; what each Ray task runs."""
+    from fingerprint.data.imagesets import load_fit_data
     from fingerprint.detectors import fit_detector
-    from fingerprint.imagesets import load_fit_data
     from jobs.registry import split_digest
 
     t0 = time.perf_counter()
@@ -327,7 +327,7 @@ def main(config: FitRayConfig) -> list[dict[str, Any]]:
             registry.set_alias(job.registered_model, config.challenger_alias, best["version"],
                                reason=f"best of fit-ray by {metric} ({best['name']}, kind {best['kind']})",
                                metrics={metric: best["metrics"][metric], "detector": best["name"]})
-    from fingerprint.metrics import format_table
+    from fingerprint.evaluation.metrics import format_table
 
     print(format_table(
         [{"detector": r["spec"].name, "kind": r["spec"].kind, metric: f"{r['metrics'].get(metric, float('nan')):.4f}",

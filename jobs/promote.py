@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from fingerprint.cli import Command
+from fingerprint.commands.cli import Command
 from fingerprint.config import flag, validate
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def decide(config: PromoteConfig) -> Decision:
 
 
 def print_history(model: str) -> list[dict[str, Any]]:
-    from fingerprint.metrics import format_table
+    from fingerprint.evaluation.metrics import format_table
     from jobs import registry
 
     events = registry.alias_history(model)

@@ -46,10 +46,10 @@ def encode_image(data: bytes) -> str:
 
 
 def decode_image(value: Any, row_id: str) -> Any:
-    """A base64 PNG/JPEG as the library decodes files: fully loaded, then `fingerprint.data.to_gray8`."""
+    """A base64 PNG/JPEG as the library decodes files: fully loaded, then `fingerprint.data.images.to_gray8`."""
     from PIL import Image
 
-    from fingerprint.data import IMAGE_FORMATS, to_gray8
+    from fingerprint.data.images import IMAGE_FORMATS, to_gray8
 
     if isinstance(value, bytes | bytearray):
         raw = bytes(value)

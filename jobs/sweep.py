@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fingerprint.cli import Command
+from fingerprint.commands.cli import Command
 from fingerprint.config import flag, from_dict, to_dict, validate
 from jobs.train_ray import (
     BOOKKEEPING,
@@ -403,8 +403,8 @@ def _best(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _write_summary(path: Path, sweep: str, metric: str, trials: list[dict[str, Any]], best: dict | None) -> Path:
+    from fingerprint.evaluation.metrics import format_table
     from fingerprint.io import write_text_atomic
-    from fingerprint.metrics import format_table
 
     rows = [{"trial": t["name"], "detector": t["detector"], "kind": t["kind"], "backbone": t["backbone"] or "-",
              metric: f"{t['metric']:.4f}", "version": t["version"] or "-",

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from fingerprint.cli import Command
+from fingerprint.commands.cli import Command
 from fingerprint.config import TrainConfig, flag, from_dict, to_dict, validate
 
 log = logging.getLogger(__name__)
@@ -181,14 +181,14 @@ def _report_metrics(metrics: dict[str, float], select_metric: str, world_size: i
 
 def load_fit(config: TrainConfig) -> Any:
     """The benchmark as FitData with the locked split every detector kind shares."""
-    from fingerprint.imagesets import load_fit_data
+    from fingerprint.data.imagesets import load_fit_data
 
     return load_fit_data(config.data, config.val_fraction, config.seed, config.skip_bad)
 
 
 def load_data(config: TrainConfig, fit_data: Any = None) -> Any:
     """The triplet loop's TrainingData on that same split."""
-    from fingerprint.training import training_data
+    from fingerprint.detectors.triplet.training import training_data
 
     return training_data(fit_data if fit_data is not None else load_fit(config))
 
@@ -206,7 +206,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from fingerprint.training import EpochEnd, fit
+    from fingerprint.detectors.triplet.training import EpochEnd, fit
     from jobs.tracking import log_epoch_metrics
 
     config = from_dict(RayTrainConfig, loop_config["config"])
@@ -310,9 +310,9 @@ def choose_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
 def build_detector(config: TrainConfig, checkpoint_dir: Path, fit_data: Any = None) -> Any:
     """The triplet detector of a checkpoint's network: indexed on the benchmark, thresholded on the training
     labels, validated on the held-out images of the shared split (``finish_fit``)."""
-    from fingerprint.checkpoint import load_checkpoint
     from fingerprint.detectors import finish_fit
-    from fingerprint.training import as_detector
+    from fingerprint.detectors.triplet.checkpoint import load_checkpoint
+    from fingerprint.detectors.triplet.training import as_detector
 
     fd = fit_data if fit_data is not None else load_fit(config)
     ckpt = load_checkpoint(checkpoint_dir)
@@ -327,9 +327,9 @@ def write_run_reports(out: Path, detector: Any, config: TrainConfig, history: li
                       fit_data: Any = None) -> list[Path]:
     """History, training curves and the validation pictures (ROC, histograms, confusion, evidence) of the
     registered detector, scored on the held-out images of the shared split."""
+    from fingerprint.commands.train import write_reports
+    from fingerprint.detectors.triplet.training import FitResult, Validation
     from fingerprint.io import write_text_atomic
-    from fingerprint.train import write_reports
-    from fingerprint.training import FitResult, Validation
 
     data = load_data(config, fit_data)
     validation = None
@@ -347,7 +347,7 @@ def write_run_reports(out: Path, detector: Any, config: TrainConfig, history: li
 class TrainRayResult:
     run_name: str
     checkpoint: Path
-    """Local copy of the selected checkpoint (model.pt + meta.json), loadable by fingerprint.checkpoint."""
+    """Local copy of the selected checkpoint (model.pt + meta.json), for fingerprint.detectors.triplet.checkpoint."""
     detector: Path
     """The triplet detector built from it (what is registered), loadable by fingerprint.detectors.load_detector."""
     metrics: dict[str, float]

@@ -3,7 +3,7 @@
 import logging
 import sys
 
-from fingerprint.cli import build_parser
+from fingerprint.commands.cli import build_parser
 from fingerprint.config import ConfigError, from_args
 from serve.cli import command
 

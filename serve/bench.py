@@ -148,8 +148,8 @@ def make_detector(config: BenchConfig, data: Path, out: Path) -> Path:
 
 def _network(detector: str | Path) -> tuple[Any, Any, tuple[int, ...]]:
     """The forward module, preprocessing and input size of a saved network detector."""
+    from fingerprint.commands.predict import resolve_detector
     from fingerprint.detectors import load_detector
-    from fingerprint.predict import resolve_detector
 
     det = load_detector(resolve_detector(detector))
     if not hasattr(det, "forward_module"):
@@ -159,7 +159,7 @@ def _network(detector: str | Path) -> tuple[Any, Any, tuple[int, ...]]:
 
 
 def make_data(out: Path) -> Path:
-    from fingerprint.phantoms import make_sample_dataset
+    from fingerprint.data.phantoms import make_sample_dataset
 
     make_sample_dataset(out / "bench", n_patients=30, slices_per_patient=4, size=64, n_generated_dev=200,
                         n_generated_test=200, seed=0)
@@ -194,7 +194,7 @@ def _forward_rates(detector: str, images: list[str], batch_sizes: list[int], thr
     """
     import torch
 
-    from fingerprint.data import load_image
+    from fingerprint.data.images import load_image
     from serve.model import trace_model
 
     torch.set_num_threads(threads)
@@ -273,7 +273,7 @@ def offline_ceiling(detector: Path, images: list[Path], batch_sizes: list[int], 
     batch sizes, plus decode + pre-process + forward in one process (what a service without HTTP could do)."""
     import torch
 
-    from fingerprint.data import load_image
+    from fingerprint.data.images import load_image
 
     layouts = {f"1x{threads}": forward_rates(detector, images, batch_sizes, threads, 1, min_seconds)}
     if processes > 1:

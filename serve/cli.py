@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass, fields
 
-from fingerprint.cli import Command
+from fingerprint.commands.cli import Command
 from fingerprint.config import flag, validate
 from serve.config import ServeConfig
 

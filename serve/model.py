@@ -26,12 +26,12 @@ from typing import Any
 
 from PIL import Image
 
-from fingerprint import data as fpdata
+from fingerprint.commands.predict import resolve_detector
 from fingerprint.config import ConfigError, flag
+from fingerprint.data import images as fpdata
+from fingerprint.data.imagesets import benchmark_items, real_groups
 from fingerprint.detectors import Detector, load_detector
 from fingerprint.detectors.networks import NetworkNN
-from fingerprint.imagesets import benchmark_items, real_groups
-from fingerprint.predict import resolve_detector
 from serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def item_id(name: str) -> str:
 
 
 def decode_image(data: bytes, item: str, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Decode one uploaded PNG/JPEG to 8-bit gray exactly as `fingerprint.data.load_image` reads files.
+    """Decode one uploaded PNG/JPEG to 8-bit gray exactly as `fingerprint.data.images.load_image` reads files.
 
     Raises InputError (naming `item`) for an empty, oversized, truncated or non-image upload.
     """

@@ -13,7 +13,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 @pytest.fixture(scope="session")
 def sample_bench(tmp_path_factory) -> Path:
     """A tiny benchmark in the ImageCLEF layout with a strongly memorising generator."""
-    from fingerprint.phantoms import make_sample_dataset
+    from fingerprint.data.phantoms import make_sample_dataset
 
     out = tmp_path_factory.mktemp("bench") / "sample"
     make_sample_dataset(out, n_patients=12, slices_per_patient=3, size=32, n_generated_dev=48,

@@ -13,9 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fingerprint import cli
-from fingerprint import data as fpdata
-from fingerprint.benchmark import (
+from fingerprint.commands import cli
+from fingerprint.config import ConfigError, add_arguments, from_args, validate
+from fingerprint.data import images as fpdata
+from fingerprint.data.imagesets import load_fit_data
+from fingerprint.detectors import FitData, RankEnsemble, create_detector, load_detector
+from fingerprint.evaluation.benchmark import (
     BenchmarkConfig,
     Fitted,
     build_detectors,
@@ -23,9 +26,6 @@ from fingerprint.benchmark import (
     evaluate_detector,
     family_of,
 )
-from fingerprint.config import ConfigError, add_arguments, from_args, validate
-from fingerprint.detectors import FitData, RankEnsemble, create_detector, load_detector
-from fingerprint.imagesets import load_fit_data
 
 TINY = ["--image-size", "32", "--folds", "2", "--repeats", "2", "--n-boot", "50", "--backbones", "resnet18",
         "--weights-dir", "none", "--frozen-image-size", "32", "--train-image-size", "32", "--epochs", "1",

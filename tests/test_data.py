@@ -1,4 +1,4 @@
-"""Tests for fingerprint.data: layouts, decoding, bad files, grouping and group-aware splits."""
+"""Tests for fingerprint.data.images: layouts, decoding, bad files, grouping and group-aware splits."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fingerprint.data import (
+from fingerprint.data.images import (
     ROLES,
     DataError,
     ImageItem,

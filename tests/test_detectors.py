@@ -15,6 +15,7 @@ from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 
 from fingerprint.config import ConfigError
+from fingerprint.data.imagesets import load_fit_data
 from fingerprint.detectors import (
     PRESETS,
     FitData,
@@ -23,9 +24,8 @@ from fingerprint.detectors import (
     kinds,
     load_detector,
 )
+from fingerprint.evaluation.metrics import roc_auc
 from fingerprint.features.handcrafted import gradient_features, images_to_array
-from fingerprint.imagesets import load_fit_data
-from fingerprint.metrics import roc_auc
 
 NET = {"backbone": "resnet18", "weights": "none", "image_size": 32, "device": "cpu"}
 SMALL: dict[str, dict] = {

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from fingerprint import cli
-from fingerprint import evaluate as evaluate_cmd
-from fingerprint import predict as predict_cmd
-from fingerprint import train as train_cmd
-from fingerprint.checkpoint import load_checkpoint, load_training_state
+from fingerprint.commands import cli
+from fingerprint.commands import evaluate as evaluate_cmd
+from fingerprint.commands import predict as predict_cmd
+from fingerprint.commands import train as train_cmd
 from fingerprint.config import ConfigError, TrainConfig, field_docs
 from fingerprint.detectors import load_detector
-from fingerprint.training import fit, load_training_data
+from fingerprint.detectors.triplet.checkpoint import load_checkpoint, load_training_state
+from fingerprint.detectors.triplet.training import fit, load_training_data
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_every_flag_has_help():
     assert set(docs) == set(TrainConfig.__dataclass_fields__)
     assert all(len(d) > 10 for d in docs.values())
     for name in ("train", "predict", "evaluate", "sample-data"):
-        out = subprocess.run([sys.executable, "-m", "fingerprint.cli", name, "--help"], capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "fingerprint.commands.cli", name, "--help"], capture_output=True,
                              text=True, check=True).stdout
         assert "--out" in out
 

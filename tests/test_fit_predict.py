@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from fingerprint import cli
-from fingerprint import evaluate as evaluate_cmd
-from fingerprint import fit as fit_cmd
-from fingerprint import predict as predict_cmd
+from fingerprint.commands import cli
+from fingerprint.commands import evaluate as evaluate_cmd
+from fingerprint.commands import fit as fit_cmd
+from fingerprint.commands import predict as predict_cmd
 from fingerprint.config import ConfigError
 from fingerprint.detectors import load_detector
 

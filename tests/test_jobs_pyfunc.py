@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fingerprint.data import load_image
+from fingerprint.data.images import load_image
+from fingerprint.data.imagesets import load_fit_data
 from fingerprint.detectors import PRESETS, fit_detector, load_detector
-from fingerprint.imagesets import load_fit_data
 from jobs import registry
 from jobs.pyfunc import OUTPUT_COLUMNS
 

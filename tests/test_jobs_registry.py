@@ -11,8 +11,8 @@ import mlflow
 import pytest
 
 from fingerprint.config import ConfigError
+from fingerprint.data.imagesets import load_fit_data
 from fingerprint.detectors import PRESETS, fit_detector, load_detector
-from fingerprint.imagesets import load_fit_data
 from jobs import promote, registry
 
 

@@ -14,10 +14,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray_fixtures import ray_local  # noqa: F401  (fixture)
 
-from fingerprint.checkpoint import load_checkpoint
 from fingerprint.config import ConfigError, field_docs
-from fingerprint.data import load_image
+from fingerprint.data.images import load_image
 from fingerprint.detectors import load_detector
+from fingerprint.detectors.triplet.checkpoint import load_checkpoint
 from jobs import registry, train_ray
 from jobs.train_ray import RayTrainConfig
 

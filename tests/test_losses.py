@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from fingerprint.losses import TripletLoss, triplet_margin_loss
-from fingerprint.miners import BatchHardMiner, NoMiner, SemiHardMiner, create_miner, squared_distances
+from fingerprint.detectors.triplet.losses import TripletLoss, triplet_margin_loss
+from fingerprint.detectors.triplet.miners import BatchHardMiner, NoMiner, SemiHardMiner, create_miner, squared_distances
 
 
 def _emb(seed: int, n: int = 7, d: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

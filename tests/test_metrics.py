@@ -1,4 +1,4 @@
-"""fingerprint.metrics against scikit-learn, on random data with many ties."""
+"""fingerprint.evaluation.metrics against scikit-learn, on random data with many ties."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from fingerprint import metrics as fm
+from fingerprint.evaluation import metrics as fm
 
 SEEDS = [0, 1, 2, 3, 4, 5]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fingerprint.phantoms import PCAGenerator, make_patients, make_phantom, make_sample_dataset
+from fingerprint.data.phantoms import PCAGenerator, make_patients, make_phantom, make_sample_dataset
 
 # Small but complete: every split gets at least one patient, and it builds in a fraction of a second.
 TINY = dict(n_patients=6, slices_per_patient=2, n_generated_dev=10, n_generated_test=12, n_reference_patients=4)

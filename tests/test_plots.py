@@ -1,4 +1,4 @@
-"""Tests for fingerprint.plots: every picture is a real, readable PNG written atomically."""
+"""Tests for fingerprint.evaluation.plots: every picture is a real, readable PNG written atomically."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fingerprint import plots
+from fingerprint.evaluation import plots
 
 
 def _assert_png(path: Path, returned: Path, min_side: int = 200) -> None:
@@ -39,7 +39,7 @@ def test_import_does_not_touch_pyplot_or_backend() -> None:
     code = (
         "import sys, matplotlib\n"
         "before = dict.__getitem__(matplotlib.rcParams, 'backend')\n"
-        "import fingerprint.plots\n"
+        "import fingerprint.evaluation.plots\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
         "assert dict.__getitem__(matplotlib.rcParams, 'backend') == before, 'backend changed'\n"
         "print('ok')\n"
@@ -52,7 +52,7 @@ def test_import_does_not_touch_pyplot_or_backend() -> None:
 def test_plotting_does_not_import_pyplot(tmp_path: Path) -> None:
     code = (
         "import sys, numpy as np\n"
-        "from fingerprint import plots\n"
+        "from fingerprint.evaluation import plots\n"
         f"plots.roc_plot({{'a': ([0, 1, 0, 1], [0.1, 0.9, 0.4, 0.6])}}, {str(tmp_path / 'r.png')!r})\n"
         "assert 'matplotlib.pyplot' not in sys.modules\n"
     )

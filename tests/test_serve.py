@@ -47,8 +47,8 @@ def _png(arr: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def detectors(sample_bench, tmp_path_factory) -> dict[str, Path]:
     """A triplet detector (a network kind: served first) and the `best` selected ensemble (swapped in)."""
+    from fingerprint.data.imagesets import load_fit_data
     from fingerprint.detectors import PRESETS, fit_detector
-    from fingerprint.imagesets import load_fit_data
 
     root = tmp_path_factory.mktemp("serve_detectors")
     data = load_fit_data(sample_bench, 0.25, 0)
@@ -94,8 +94,8 @@ def _files(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
 
 
 def _predict_scores(detector: Path, bench: Path) -> dict[str, float]:
+    from fingerprint.commands.predict import predict_folder
     from fingerprint.detectors import load_detector
-    from fingerprint.predict import predict_folder
 
     pred = predict_folder(load_detector(detector), bench)
     return dict(zip(pred.ids, map(float, pred.scores.score), strict=True))

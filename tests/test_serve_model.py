@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from fingerprint.config import ConfigError
-from fingerprint.data import load_image
+from fingerprint.data.images import load_image
 from serve.config import ServeConfig, from_user_config
 from serve.model import InputError, decode_image, item_id, load_state
 
@@ -32,8 +32,8 @@ def _encode(im: Image.Image, fmt: str = "PNG") -> bytes:
 @pytest.fixture(scope="module")
 def detectors(sample_bench, tmp_path_factory) -> dict[str, Path]:
     """Saved detectors of four kinds, fitted on the phantom sample."""
+    from fingerprint.data.imagesets import load_fit_data
     from fingerprint.detectors import PRESETS, fit_detector
-    from fingerprint.imagesets import load_fit_data
 
     root = tmp_path_factory.mktemp("serve_detectors")
     data = load_fit_data(sample_bench, 0.25, 0)
@@ -160,8 +160,8 @@ def _service_scores(state, paths: list[Path]) -> tuple[np.ndarray, list[dict]]:
 @pytest.mark.parametrize("name", ["pixel", "triplet", "gradient", "best"])
 def test_scores_equal_predict(detectors, sample_bench, name):
     """The saved gallery, no images read at start, and the scores `fingerprint predict` writes."""
+    from fingerprint.commands.predict import predict_folder
     from fingerprint.detectors import load_detector
-    from fingerprint.predict import predict_folder
 
     state = load_state(from_user_config({"detector": str(detectors[name])}))
     assert state.info["gallery_source"] == "detector" and state.version == "local"
@@ -269,7 +269,7 @@ def test_build_app_options(detectors):
 
 
 def test_cli_flags(detectors, capsys):
-    from fingerprint.cli import build_parser
+    from fingerprint.commands.cli import build_parser
     from fingerprint.config import from_args, validate
     from serve.cli import ServeCommandConfig, app_args, command
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fingerprint.config import ConfigError, Range, ScoreConfig, TrainConfig, check_fields, validate
-from fingerprint.thresholds import best_f1_threshold, threshold_at_fpr, threshold_max_f1
+from fingerprint.evaluation.thresholds import best_f1_threshold, threshold_at_fpr, threshold_max_f1
 
 
 def f1_at(y, s, t):

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-from fingerprint.transforms import Preprocess
+from fingerprint.features.transforms import Preprocess
 
 GRAY = {"input_size": [1, 64, 64], "interpolation": "bicubic", "mean": [0.5], "std": [0.5], "crop_pct": 0.875,
         "crop_mode": "center"}

@@ -36,12 +36,6 @@ CLUSTER_OVERRIDES: list[tuple[SettingPath, Any, str]] = [
       "tracking_uri"), "",
      "empty = MLFLOW_TRACKING_URI, set by config.yaml on every pod (the MLflow server); a sqlite file would be "
      "a fresh, empty registry in each pod"),
-    (("applications", {"name": "fingerprint"}, "deployments", {"name": "FingerprintService"}, "user_config",
-      "gallery"), "/mnt/data/sample",
-     "absolute, on the shared data volume: the sample benchmark that ray-job.sweep.yaml writes"),
-    (("applications", {"name": "fingerprint"}, "deployments", {"name": "FingerprintService"}, "user_config",
-      "reference"), "/mnt/data/sample",
-     "as gallery"),
 ]
 """(path into the Serve config, cluster value, why). A dict in a path selects the list item with those keys."""
 

@@ -341,7 +341,7 @@ def load_detector(path: str | Path) -> Detector:
 
 
 def threshold_for(labels: np.ndarray, scores: np.ndarray, method: str = "max_f1", target_fpr: float = 0.05) -> float:
-    from fingerprint.thresholds import threshold_at_fpr, threshold_max_f1
+    from fingerprint.evaluation.thresholds import threshold_at_fpr, threshold_max_f1
 
     if method == "fpr":
         return threshold_at_fpr(labels, scores, target_fpr)
@@ -365,7 +365,7 @@ def finish_fit(det: Detector, data: FitData, *, threshold_method: str = "max_f1"
     Used by :func:`fit_detector` and by runners that learn elsewhere (a Ray Train run's network, then
     ``use_network`` and ``index``).
     """
-    from fingerprint.metrics import all_metrics
+    from fingerprint.evaluation.metrics import all_metrics
 
     rows = np.concatenate([data.train, data.val])
     scores = det.score([data.real[i] for i in rows], [data.real_ids[i] for i in rows])

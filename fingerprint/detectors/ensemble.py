@@ -166,7 +166,7 @@ class SelectedEnsemble(RankEnsemble):
     learns = True
 
     def fit(self, data: FitData, progress: bool = False) -> None:
-        from fingerprint.metrics import roc_auc
+        from fingerprint.evaluation.metrics import roc_auc
 
         self.index(data.generated, data.generated_ids, data.real, data.real_ids, data.groups, progress)
         y = data.labels[data.train]

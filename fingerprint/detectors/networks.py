@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fingerprint.backbones import EmbeddingNet, create_embedder, data_config
 from fingerprint.config import ModelConfig, Range, TrainConfig
 from fingerprint.detectors.base import FitData, Scores, register
 from fingerprint.detectors.neighbours import FeatureNN
-from fingerprint.embedding import embed_images, resolve_device
+from fingerprint.features.backbones import EmbeddingNet, create_embedder, data_config
+from fingerprint.features.embedding import embed_images, resolve_device
+from fingerprint.features.transforms import Preprocess
 from fingerprint.knn import Gallery, topk_mean
-from fingerprint.transforms import Preprocess
 
 __all__ = ["NetworkNN", "FrozenNN", "TripletNN", "NetworkSettings", "TripletSettings"]
 
@@ -195,7 +195,7 @@ class TripletNN(NetworkNN):
                            device=s.device)
 
     def fit(self, data: FitData, progress: bool = False) -> None:
-        from fingerprint.training import fit, training_data
+        from fingerprint.detectors.triplet.training import fit, training_data
 
         result = fit(self.train_config(), training_data(data))
         self.use_network(result.model, result.data_config)

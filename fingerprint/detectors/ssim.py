@@ -16,8 +16,8 @@ from PIL import Image
 
 from fingerprint.config import Range
 from fingerprint.detectors.base import Detector, Scores, register
+from fingerprint.evaluation.thresholds import best_f1_threshold, threshold_real_to_real
 from fingerprint.features.handcrafted import images_to_array, ssim_matrix
-from fingerprint.thresholds import best_f1_threshold, threshold_real_to_real
 
 __all__ = ["SSIMNN"]
 

@@ -15,7 +15,7 @@ here instead:
 Example::
 
     from pathlib import Path
-    from fingerprint.phantoms import make_sample_dataset
+    from fingerprint.data.phantoms import make_sample_dataset
     counts = make_sample_dataset(Path("sample-bench"), memorisation=0.9, seed=0)
 
 Everything is numpy + Pillow and deterministic given the seed: the same arguments give the same bytes.
@@ -699,13 +699,13 @@ def _readme_fields(seed: int, size: int, spp: int, memorisation: float, n_compon
 def _readme(c: dict[str, int], s: dict[str, str]) -> str:
     return f"""# Synthetic membership-inference sample benchmark
 
-Made by `fingerprint.phantoms.make_sample_dataset(seed={s['seed']})`. Every image is synthetic: procedural
+Made by `fingerprint.data.phantoms.make_sample_dataset(seed={s['seed']})`. Every image is synthetic: procedural
 CT-like phantoms (no patient data), so this folder may be shared freely. It imitates the layout of the
 ImageCLEFmedical GANs task so that the whole pipeline can run on it.
 
 ## How it was made
 - {c['patients']} synthetic patients, {s['spp']} neighbouring axial slices each, {s['size']} x {s['size']} pixels,
-  8-bit grayscale PNG (`fingerprint.phantoms.make_patients`).
+  8-bit grayscale PNG (`fingerprint.data.phantoms.make_patients`).
 - Patients were split as wholes: {c['used_patients']} "used" patients, the rest "not used". The generator was
   trained on all {c['train_images']} slices of the used patients: patients {s['used']}.
 - The generator is a `PCAGenerator`, a stand-in for a GAN and NOT a GAN: mean + {s['k']} principal components

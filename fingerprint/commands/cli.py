@@ -38,12 +38,12 @@ def _lazy(module: str, config: str) -> Callable[[], Command]:
 
 
 BUILTIN: dict[str, Callable[[], Command]] = {
-    "fit": _lazy("fingerprint.fit", "FitConfig"),
-    "train": _lazy("fingerprint.train", "TrainConfig"),
-    "predict": _lazy("fingerprint.predict", "PredictConfig"),
-    "evaluate": _lazy("fingerprint.evaluate", "EvaluateConfig"),
-    "sample-data": _lazy("fingerprint.sample_data", "SampleDataConfig"),
-    "benchmark": _lazy("fingerprint.benchmark", "BenchmarkConfig"),
+    "fit": _lazy("fingerprint.commands.fit", "FitConfig"),
+    "train": _lazy("fingerprint.commands.train", "TrainConfig"),
+    "predict": _lazy("fingerprint.commands.predict", "PredictConfig"),
+    "evaluate": _lazy("fingerprint.commands.evaluate", "EvaluateConfig"),
+    "sample-data": _lazy("fingerprint.commands.sample_data", "SampleDataConfig"),
+    "benchmark": _lazy("fingerprint.evaluation.benchmark", "BenchmarkConfig"),
 }
 
 

@@ -21,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fingerprint import metrics
+from fingerprint.evaluation import metrics
 
 __all__ = ["roc_plot", "score_histogram", "confusion_plot", "evidence_grid", "training_curves"]
 

@@ -19,11 +19,11 @@ from typing import Annotated
 import numpy as np
 from PIL import Image
 
-from fingerprint import data as fpdata
-from fingerprint import plots
 from fingerprint.config import ConfigError, Range, check_fields, flag, path_problems, validate
+from fingerprint.data import images as fpdata
+from fingerprint.data.imagesets import benchmark_items, real_groups
 from fingerprint.detectors import Detector, Scores, is_detector_dir, load_detector
-from fingerprint.imagesets import benchmark_items, real_groups
+from fingerprint.evaluation import plots
 from fingerprint.io import write_csv_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)

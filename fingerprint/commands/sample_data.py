@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fingerprint.config import Range, check_fields, flag, validate
-from fingerprint.phantoms import make_sample_dataset
+from fingerprint.data.phantoms import make_sample_dataset
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fingerprint import data as fpdata
+from fingerprint.data import images as fpdata
 from fingerprint.detectors.base import FitData
 from fingerprint.features.handcrafted import images_to_array
 

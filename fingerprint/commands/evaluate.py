@@ -13,10 +13,10 @@ from typing import Annotated
 
 import numpy as np
 
-from fingerprint import plots
 from fingerprint.config import ConfigError, Range, check_fields, flag, validate
+from fingerprint.evaluation import plots
+from fingerprint.evaluation.metrics import bootstrap_ci, format_table
 from fingerprint.io import read_csv, write_text_atomic
-from fingerprint.metrics import bootstrap_ci, format_table
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fingerprint.miners import Miner, NoMiner
+from fingerprint.detectors.triplet.miners import Miner, NoMiner
 
 
 def triplet_margin_loss(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, margin: float) -> torch.Tensor:

@@ -5,7 +5,7 @@
 
 Every detector in the table is a kind of :mod:`fingerprint.detectors` (a preset, or ``frozen``/``triplet`` once per
 backbone), fitted with ``fit`` (which reads only the training labels, then indexes the images) and scored with
-``score``. The benchmark is loaded once (:func:`fingerprint.imagesets.load_fit_data`): every real image, labelled
+``score``. The benchmark is loaded once (:func:`fingerprint.data.imagesets.load_fit_data`): every real image, labelled
 dev and unlabelled test, is in the reference pool.
 
 Dev evaluation is repeated, stratified, group-aware k-fold cross-validation over the labelled dev images
@@ -41,8 +41,9 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from fingerprint import data as fpdata
 from fingerprint.config import ConfigError, flag, to_dict, validate
+from fingerprint.data import images as fpdata
+from fingerprint.data.imagesets import load_fit_data
 from fingerprint.detectors import (
     PRESETS,
     Detector,
@@ -54,10 +55,9 @@ from fingerprint.detectors import (
     finish_fit,
     kind,
 )
-from fingerprint.imagesets import load_fit_data
+from fingerprint.evaluation.metrics import bootstrap_ci, format_table
+from fingerprint.evaluation.plots import roc_plot
 from fingerprint.io import write_csv_atomic, write_text_atomic
-from fingerprint.metrics import bootstrap_ci, format_table
-from fingerprint.plots import roc_plot
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ DETECTOR_DIR = "detector"
 class BenchmarkConfig:
     data: str = ""
     """Benchmark folder in the ImageCLEF layout: dev/{generated,used,not_used} and optionally
-    test/{generated,real_unknown} (or any layout `fingerprint.data.open_folder` reads)."""
+    test/{generated,real_unknown} (or any layout `fingerprint.data.images.open_folder` reads)."""
     out: str = "benchmarks/results/run"
     """Output folder (results.md/json, ROC pictures, dev_scores.csv, submission.csv, scores.csv, detector/,
     COMMAND.md)."""
@@ -115,7 +115,7 @@ class BenchmarkConfig:
     """Triplets per step (d)."""
     group_threshold: float = 0.95
     """Pseudo-patient grouping of real images without group ids: average-linkage clusters of 32x32 thumbnails
-    whose mean correlation is at least this (fingerprint.data.infer_groups)."""
+    whose mean correlation is at least this (fingerprint.data.images.infer_groups)."""
     submit: str = "best"
     """Detector whose test predictions are written (submission.csv, scores.csv, detector/); 'auto' = highest
     mean dev AUC, 'none' = write none."""
@@ -501,9 +501,9 @@ def settings_text(d: Detector) -> str:
 
 
 def groups_from(config: BenchmarkConfig) -> str:
-    """Where the pseudo-patient groups come from (fingerprint.imagesets.real_groups)."""
+    """Where the pseudo-patient groups come from (fingerprint.data.imagesets.real_groups)."""
     inferred = (f"inferred: average-linkage on 32x32 thumbnail correlation >= {config.group_threshold} "
-                "(fingerprint.data.infer_groups)")
+                "(fingerprint.data.images.infer_groups)")
     root = Path(config.data)
     manifests = [root] if root.is_file() else [p / fpdata.MANIFEST_NAME for p in (root, root / "dev", root / "test")]
     if any(p.is_file() for p in manifests):

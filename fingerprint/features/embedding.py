@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from fingerprint.transforms import Preprocess
+from fingerprint.features.transforms import Preprocess
 
 
 def resolve_device(name: str = "auto") -> torch.device:

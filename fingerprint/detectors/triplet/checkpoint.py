@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from fingerprint.backbones import EmbeddingNet, create_embedder
 from fingerprint.config import ModelConfig, from_dict
+from fingerprint.features.backbones import EmbeddingNet, create_embedder
 from fingerprint.io import atomic_dir, jsonable
 
 FORMAT_VERSION = 1

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fingerprint.config import BENCHMARK_HINT, Range, check_fields, flag, path_problems, validate
+from fingerprint.data.imagesets import load_fit_data
 from fingerprint.detectors import PRESETS, Detector, fit_detector, kinds
-from fingerprint.imagesets import load_fit_data
 from fingerprint.io import write_text_atomic
 
 log = logging.getLogger(__name__)

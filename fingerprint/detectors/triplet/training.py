@@ -22,16 +22,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fingerprint.backbones import EmbeddingNet, create_embedder, data_config
-from fingerprint.checkpoint import save_checkpoint, unwrap
 from fingerprint.config import ModelConfig, ScoreConfig, TrainConfig, subset, to_dict
 from fingerprint.detectors.base import FitData, Scores, create_detector, finish_fit
 from fingerprint.detectors.networks import TripletNN
-from fingerprint.embedding import autocast, resolve_device
-from fingerprint.losses import TripletLoss
-from fingerprint.miners import create_miner
-from fingerprint.transforms import Preprocess
-from fingerprint.triplets import TripletDataset, balanced_weights
+from fingerprint.detectors.triplet.checkpoint import save_checkpoint, unwrap
+from fingerprint.detectors.triplet.losses import TripletLoss
+from fingerprint.detectors.triplet.miners import create_miner
+from fingerprint.detectors.triplet.sampling import TripletDataset, balanced_weights
+from fingerprint.features.backbones import EmbeddingNet, create_embedder, data_config
+from fingerprint.features.embedding import autocast, resolve_device
+from fingerprint.features.transforms import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,10 @@ class TrainingData:
 def load_training_data(config: TrainConfig) -> TrainingData:
     """Read the benchmark and hold out whole groups of labelled dev images for validation.
 
-    The split is :func:`fingerprint.imagesets.load_fit_data`'s, so a triplet model is validated on the same images
+    The split is :func:`fingerprint.data.imagesets.load_fit_data`'s, so a triplet model is validated on the same images
     as every other detector kind fitted with the same ``--val-fraction`` and ``--seed``.
     """
-    from fingerprint.imagesets import load_fit_data
+    from fingerprint.data.imagesets import load_fit_data
 
     return training_data(load_fit_data(config.data, config.val_fraction, config.seed, config.skip_bad))
 

@@ -15,10 +15,17 @@ import json
 import logging
 from pathlib import Path
 
-from fingerprint import plots
 from fingerprint.config import TrainConfig, save_json, validate
+from fingerprint.detectors.triplet.training import (
+    EpochEnd,
+    FitResult,
+    TrainingData,
+    final_detector,
+    fit,
+    load_training_data,
+)
+from fingerprint.evaluation import plots
 from fingerprint.io import write_csv_atomic, write_text_atomic
-from fingerprint.training import EpochEnd, FitResult, TrainingData, final_detector, fit, load_training_data
 
 log = logging.getLogger(__name__)
 

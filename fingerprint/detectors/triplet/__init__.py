@@ -1,0 +1,1 @@
+"""The seed's triplet fine-tuning: losses, miners, triplet sampling, the training loop, checkpoints."""

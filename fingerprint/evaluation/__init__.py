@@ -1,0 +1,1 @@
+"""How well a detector does: metrics, thresholds, the benchmark harness, pictures."""
