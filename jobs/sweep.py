@@ -37,6 +37,7 @@ from typing import Any
 
 from fingerprint.commands.cli import Command
 from fingerprint.config import flag, from_dict, to_dict, validate
+from fingerprint.features.backbones import weights_file
 from jobs.train_ray import (
     BOOKKEEPING,
     NONE,
@@ -195,12 +196,9 @@ def trial_name(sweep: str, spec: dict[str, Any]) -> str:
 
 
 def weights_for(backbone: str, weights_dir: str, default: str) -> str:
-    if weights_dir:
-        for ext in (".safetensors", ".pth", ".bin"):
-            candidate = Path(weights_dir) / f"{backbone}{ext}"
-            if candidate.is_file():
-                return str(candidate.resolve())
-    return default
+    """The backbone's file in ``weights_dir`` (absolute), else ``default`` ('none' or 'hub')."""
+    found = weights_file(weights_dir, backbone) if weights_dir else None
+    return str(found.resolve()) if found is not None else default
 
 
 def trial_config(base: dict[str, Any], spec: dict[str, Any], sweep: str) -> RayTrainConfig:

@@ -57,6 +57,7 @@ from fingerprint.detectors import (
 )
 from fingerprint.evaluation.metrics import bootstrap_ci, format_table
 from fingerprint.evaluation.plots import roc_plot
+from fingerprint.features.backbones import weights_file
 from fingerprint.io import write_csv_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -201,15 +202,6 @@ class BenchmarkConfig:
 
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def weights_file(weights_dir: str | Path, backbone: str) -> Path | None:
-    """``<weights_dir>/<backbone>.safetensors`` (or .pth/.bin) if it exists."""
-    for ext in (".safetensors", ".pth", ".bin"):
-        p = Path(weights_dir) / f"{backbone}{ext}"
-        if p.is_file():
-            return p
-    return None
 
 
 # ----------------------------------------------------------------------------------------------- detectors

@@ -39,6 +39,15 @@ class EmbeddingNet(nn.Module):
         return F.normalize(self.head(self.features(x)).float(), dim=-1)
 
 
+def weights_file(weights_dir: str | Path, backbone: str) -> Path | None:
+    """``<weights_dir>/<backbone>.safetensors`` (or .pth/.bin) if it exists: how offline weights are found."""
+    for ext in (".safetensors", ".pth", ".bin"):
+        p = Path(weights_dir) / f"{backbone}{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
 def create_embedder(config: ModelConfig) -> EmbeddingNet:
     """Build the embedding network for `config`, loading pretrained weights as `config.weights` says."""
     # Gray CT slices: timm sums the RGB kernels of the first conv for in_chans=1, which is exactly what a gray
