@@ -90,3 +90,34 @@ def read_csv(path: str | Path, required: Sequence[str]) -> list[dict[str, str]]:
                 f"{path}: missing column(s) {', '.join(missing)}; expected a header with {', '.join(required)}"
             )
         return list(reader)
+
+
+DEV_PREFIX = "dev/"
+"""What a benchmark's dev image ids start with when it also has a test set (fingerprint.data.imagesets)."""
+
+
+def read_labels(path: str | Path) -> dict[str, int]:
+    """An ``id,label`` CSV (1 = used for training, 0 = not used); a bad label is an error naming its line."""
+    out = {}
+    for n, r in enumerate(read_csv(path, ("id", "label")), start=2):
+        if (r["label"] or "").strip() not in ("0", "1"):
+            raise ValueError(f"{path}: line {n}: label must be 0 or 1, got {r['label']!r}")
+        out[r["id"].strip()] = int(r["label"])
+    return out
+
+
+def read_groups(path: str | Path) -> dict[str, str]:
+    """An ``id,group`` CSV (patient ids, as the sample data and the generator zoo write ``groups.csv``)."""
+    out = {}
+    for n, r in enumerate(read_csv(path, ("id", "group")), start=2):
+        group = (r["group"] or "").strip()
+        if not group:
+            raise ValueError(f"{path}: line {n}: empty group for id {r['id']!r}")
+        out[r["id"].strip()] = group
+    return out
+
+
+def lookup_ids(table: dict[str, str], ids: Sequence[str], prefix: str = DEV_PREFIX) -> list[str | None]:
+    """``table[id]`` for each id, also matching an id without ``prefix`` (a benchmark's dev ids, ``dev/used_0001``,
+    are written as ``used_0001`` in its CSVs); None where neither is there."""
+    return [table.get(i, table.get(i.removeprefix(prefix))) for i in ids]

@@ -29,7 +29,7 @@ from PIL import Image
 from fingerprint.commands.predict import resolve_detector
 from fingerprint.config import ConfigError, flag
 from fingerprint.data import images as fpdata
-from fingerprint.data.imagesets import benchmark_items, real_groups
+from fingerprint.data.imagesets import benchmark_items, pool_groups
 from fingerprint.detectors import Detector, load_detector
 from fingerprint.detectors.networks import NetworkNN
 from serve.config import ServeConfig
@@ -183,7 +183,8 @@ def reindex(det: Detector, gallery: str | Path, reference: str | Path | None = N
                         f"{reference or gallery} (the reference pool)")
     if problems:
         raise ConfigError(problems)
-    det.index(gen, [it.id for it in gen_kept], ref, [it.id for it in ref_kept], real_groups(ref_kept, ref))
+    groups = pool_groups(reference or gallery, ref_kept, ref)
+    det.index(gen, [it.id for it in gen_kept], ref, [it.id for it in ref_kept], groups)
 
 
 def trace_model(model: Any, input_size: tuple[int, ...], device: Any) -> tuple[Any, str]:

@@ -21,10 +21,16 @@ from fingerprint.detectors import FitData, RankEnsemble, create_detector, load_d
 from fingerprint.evaluation.benchmark import (
     BenchmarkConfig,
     Fitted,
+    Run,
     build_detectors,
     command_line,
     evaluate_detector,
     family_of,
+    goals,
+    memorisation_warning,
+    named,
+    preset,
+    summarise,
 )
 
 TINY = ["--image-size", "32", "--folds", "2", "--repeats", "2", "--n-boot", "50", "--backbones", "resnet18",
@@ -62,6 +68,14 @@ def test_benchmark_end_to_end(sample_bench: Path, data: FitData, tmp_path: Path)
     assert sum(by_name["best"]["notes"]["chosen_on_training_folds"].values()) == 4  # 2 repeats x 2 folds
     assert {"best", "best_baseline", "margin_over_baselines", "signal_ci_above_chance"} <= set(res["goals"])
     assert res["submission"]["detector"] == "best" and res["submission"]["saved"] == "detector"
+    # Intervals and the memorisation test move whole pseudo-patient groups; every detector has its test.
+    assert res["bootstrap"]["unit"] == "group" and res["bootstrap"]["groups"] == len(np.unique(data.groups[data.train]))
+    for d in res["detectors"]:
+        mem = d["memorisation"]
+        assert mem["unit"] == "group" and mem["n_permutations"] == 2000 and 0 < mem["p_value"] <= 1
+        assert mem["n_groups"] == res["bootstrap"]["groups"] and mem["evidence"] == (mem["p_value"] <= 0.05)
+    assert res["goals"]["memorisation"]["detector"] == "best"
+    assert res["goals"]["memorisation"]["verdict"] == by_name["best"]["memorisation"]["verdict"]
 
     # Test files: every unlabelled real image once, plain ids, in the ImageCLEF format (no header) and as scores.
     test_ids = sorted(p.stem for p in (sample_bench / "test" / "real_unknown").glob("*.png"))
@@ -87,6 +101,10 @@ def test_benchmark_end_to_end(sample_bench: Path, data: FitData, tmp_path: Path)
     md = (out / "results.md").read_text()
     assert "AUC [95% CI]" in md and "best of (a)-(c)" in md and "chosen for test" in md
     assert "| signal" in md and "distribution" in md and "--model <out>/detector" in md
+    assert "p (memorisation)" in md and "resampling unit: whole groups" in md
+    assert "as a population" in md and "not by memorisation of individual images" in md
+    assert f"Memorisation test on best (signal {by_name['best']['signal']}" in md
+    assert res["goals"]["memorisation"]["verdict"] in md
     command = (out / "COMMAND.md").read_text()
     assert "fingerprint benchmark" in command and "--weights-dir none" in command and "Runtime:" in command
 
@@ -173,3 +191,30 @@ def test_command_line_reproduces_the_config(sample_bench: Path) -> None:
     add_arguments(parser, BenchmarkConfig)
     argv = text.replace("\\\n", " ").split()[2:]  # drop "fingerprint benchmark"
     assert from_args(BenchmarkConfig, parser.parse_args(argv)) == cfg
+
+
+def test_no_signal_submission_is_flagged(data: FitData) -> None:
+    # Random out-of-fold scores: the memorisation test finds nothing and the submission is flagged.
+    lab = data.train
+    y, groups = data.labels[lab], data.groups[lab]
+    rng = np.random.default_rng(0)
+    runs = []
+    for name, scores in (("pixel_l2", rng.normal(size=y.size)), ("best", y + 0.01 * rng.normal(size=y.size))):
+        det = named(*preset(name, BenchmarkConfig()), name)
+        run = Run(det, [scores], [(scores > 0).astype(np.int64)], [[0.0]], 0.0)
+        summarise(run, y, 50, 0, groups=groups)
+        runs.append(run)
+    noise, signal = runs
+    assert noise.memorisation.unit == "group" and noise.memorisation.n_groups == len(np.unique(groups))
+    g = goals(runs, "best", submitted="pixel_l2")
+    assert g["memorisation"]["detector"] == "pixel_l2" and g["memorisation"]["submitted"]
+    assert g["memorisation"]["p_value"] == noise.memorisation.p_value
+    assert noise.memorisation.p_value > 0.05 and not g["memorisation"]["evidence"]
+    warning = memorisation_warning(g)
+    assert warning.startswith("WARNING: pixel_l2 shows no evidence of memorisation")
+    assert "submission's per-image decisions" in warning and "not supported by evidence" in warning
+    # Perfectly separating scores: as much evidence as the groups allow, and no warning.
+    assert signal.memorisation.auc == 1.0
+    assert goals(runs, "best")["memorisation"]["detector"] == "best"
+    fake = {"memorisation": {**signal.memorisation.to_dict(), "detector": "best", "evidence": True}}
+    assert memorisation_warning(fake) is None and memorisation_warning({}) is None

@@ -206,3 +206,98 @@ def test_bool_labels_accepted() -> None:
     y, s = _data(2)
     assert fm.roc_auc(y.astype(bool), s) == fm.roc_auc(y, s)
     assert fm.roc_auc(y.astype(float), s) == fm.roc_auc(y, s)
+
+
+# --------------------------------------------------------------------------------------- group bootstrap
+
+
+def _grouped(seed: int, n_groups: int = 60, copies: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each group (patient) is one label and one score repeated ``copies`` times: near-duplicate slices."""
+    y, s = _data(seed, n=n_groups)
+    g = np.repeat(np.arange(n_groups), copies)
+    return y[g], s[g], g
+
+
+def test_group_bootstrap_is_wider_than_image_bootstrap_for_near_duplicates() -> None:
+    y, s, g = _grouped(11)
+    image = fm.bootstrap_ci(y, s, threshold=0.4, n_boot=600, seed=2)
+    group = fm.bootstrap_ci(y, s, threshold=0.4, n_boot=600, seed=2, groups=g)
+    for key in ("auc", "accuracy", "f1"):
+        assert group[key][0] == image[key][0], key  # same point estimate
+        # Five copies make the image bootstrap about sqrt(5) times too narrow; ask for a clear widening.
+        assert group[key][2] - group[key][1] > 1.5 * (image[key][2] - image[key][1]), key
+    # A group of identical copies counts as one observation: the same intervals as one image per group.
+    once = fm.bootstrap_ci(y[::5], s[::5], threshold=0.4, n_boot=600, seed=2)
+    for key, (pt, lo, hi) in group.items():
+        assert (pt, lo, hi) == pytest.approx(once[key], abs=1e-9), key
+
+
+@pytest.mark.parametrize("stratified", [True, False])
+def test_group_bootstrap_with_singleton_groups_is_the_image_bootstrap(stratified: bool) -> None:
+    y, s = _data(4, n=150)
+    image = fm.bootstrap_ci(y, s, threshold=0.2, n_boot=400, seed=5, stratified=stratified)
+    # Singleton groups numbered as the images draw exactly the same resamples.
+    assert fm.bootstrap_ci(y, s, threshold=0.2, n_boot=400, seed=5, stratified=stratified,
+                           groups=np.arange(y.size)) == image
+    # Named in another order (string ids, shuffled), the draws differ but the distribution is the same.
+    names = np.array([f"patient-{i}" for i in np.random.default_rng(0).permutation(y.size)])
+    other = fm.bootstrap_ci(y, s, threshold=0.2, n_boot=2000, seed=6, stratified=stratified, groups=names)
+    ref = fm.bootstrap_ci(y, s, threshold=0.2, n_boot=2000, seed=6, stratified=stratified)
+    for key in ("auc", "accuracy", "f1", "kappa", "tpr_at_5fpr"):
+        assert other[key][0] == ref[key][0]
+        assert other[key][1] == pytest.approx(ref[key][1], abs=0.03), key
+        assert other[key][2] == pytest.approx(ref[key][2], abs=0.03), key
+
+
+@pytest.mark.parametrize("stratified", [True, False])
+def test_group_resamples_keep_whole_groups(monkeypatch: pytest.MonkeyPatch, stratified: bool) -> None:
+    # Groups of sizes 1-4, every image a distinct score; group 6 is mixed (a used and a not-used slice).
+    sizes = [1, 2, 3, 4, 2, 3, 2, 1]
+    g = np.repeat(np.arange(len(sizes)), sizes)
+    group_label = np.array([1, 1, 1, 0, 0, 0, -1, 0])
+    y = group_label[g]
+    y[g == 6] = [1, 0]
+    s = np.arange(g.size) / g.size
+    seen: list[np.ndarray] = []
+    real = fm._score_metrics_weighted
+
+    def spy(codes, labels, weights, n_codes):
+        np.testing.assert_array_equal(codes, np.arange(g.size))  # distinct scores: a code names one image
+        seen.append(weights.copy())
+        return real(codes, labels, weights, n_codes)
+
+    monkeypatch.setattr(fm, "_score_metrics_weighted", spy)
+    fm.bootstrap_ci(y, s, threshold=0.5, n_boot=25, seed=0, groups=g, stratified=stratified)
+    w = np.concatenate(seen)
+    assert w.shape == (25, g.size)
+    for j in range(len(sizes)):
+        # Every image of a group is drawn as often as the others: groups are never split.
+        members = w[:, g == j]
+        assert (members == members[:, :1]).all(), j
+    per_group = w[:, np.searchsorted(g, np.arange(len(sizes)))]  # the first image of each group
+    assert (per_group.sum(axis=1) == len(sizes)).all()  # as many groups as the data
+    if stratified:
+        # Within each class stratum: used-only, not-used-only and mixed groups keep their numbers.
+        for members in ([0, 1, 2], [3, 4, 5, 7], [6]):
+            assert (per_group[:, members].sum(axis=1) == len(members)).all()
+        assert (per_group[:, 6] == 1).all()
+    assert fm.group_strata(y, g)[0][2].tolist() == [6]
+
+
+@pytest.mark.parametrize(
+    ("groups", "match"),
+    [
+        ([0, 1, 2], "labels and groups have different lengths"),
+        ([[0, 1], [2, 3]], "groups must be a 1-D array"),
+        ([0.0, 1.0, float("nan"), 2.0], "groups contains 1 NaN"),
+        (np.array(["a", None, "b", "c"], dtype=object), "groups contains missing values"),
+    ],
+)
+def test_group_bootstrap_bad_groups_name_the_argument(groups, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        fm.bootstrap_ci([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], n_boot=10, groups=groups)
+
+
+def test_resampling_unit_text() -> None:
+    assert "too narrow" in fm.resampling_unit(None)
+    assert fm.resampling_unit(["a", "a", "b"]).startswith("whole groups (2 groups")

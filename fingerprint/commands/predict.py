@@ -21,7 +21,7 @@ from PIL import Image
 
 from fingerprint.config import ConfigError, Range, check_fields, flag, path_problems, validate
 from fingerprint.data import images as fpdata
-from fingerprint.data.imagesets import benchmark_items, real_groups
+from fingerprint.data.imagesets import benchmark_items, pool_groups
 from fingerprint.detectors import Detector, Scores, is_detector_dir, load_detector
 from fingerprint.evaluation import plots
 from fingerprint.io import write_csv_atomic, write_text_atomic
@@ -94,7 +94,7 @@ def predict_folder(det: Detector, data: str | Path, threshold: float | None = No
                  len(items.real), data)
         gen, gen_kept, _ = fpdata.load_images(items.generated, skip_bad=skip_bad)
         ref, ref_kept, _ = fpdata.load_images(items.real, skip_bad=True)
-        det.index(gen, [it.id for it in gen_kept], ref, [it.id for it in ref_kept], real_groups(ref_kept, ref))
+        det.index(gen, [it.id for it in gen_kept], ref, [it.id for it in ref_kept], pool_groups(data, ref_kept, ref))
     t = det.threshold if threshold is None else float(threshold)
     log.info("scoring %d real images with %s (%s) against %d generated, threshold %.4f", len(ids), det.name,
              det.kind, len(det.gallery_ids), t)

@@ -16,10 +16,10 @@ import numpy as np
 from fingerprint.data import images as fpdata
 from fingerprint.detectors.base import FitData
 from fingerprint.features.handcrafted import images_to_array
+from fingerprint.io import DEV_PREFIX, lookup_ids, read_groups
 
 log = logging.getLogger(__name__)
 
-DEV_PREFIX = "dev/"
 
 
 @dataclass
@@ -68,7 +68,8 @@ def load_fit_data(root: str | Path, val_fraction: float = 0.25, seed: int = 0, s
     """Every image of a benchmark as FitData: all real images as the reference pool, the labelled dev images
     split by whole pseudo-patient groups into train and (``val_fraction``) validation.
 
-    Groups come from a manifest's group column, else from near-duplicate clustering of all real images
+    Groups come from ``groups.csv`` beside dev/ and test/ (``id,group``, as the sample data and the generator zoo
+    write it) or a manifest's group column, else from near-duplicate clustering of all real images
     (average linkage on 32x32 thumbnails at ``group_threshold`` correlation): neighbouring slices of one patient
     never sit on both sides of the split. The split depends only on the images, ``val_fraction`` and ``seed``,
     so every kind fitted with the same three is validated on the same images.
@@ -86,7 +87,7 @@ def load_fit_data(root: str | Path, val_fraction: float = 0.25, seed: int = 0, s
     source = np.array([s for it, s in zip(items.generated, items.generated_source, strict=True)
                        if it.id in kept_gen], dtype=np.int64)
     labels = np.array([-1 if it.label is None else it.label for it in real_items], dtype=np.int64)
-    groups = real_groups(real_items, real, group_threshold)
+    groups = pool_groups(root, real_items, real, group_threshold)
     labelled = np.flatnonzero(labels >= 0)
     if val_fraction > 0:
         tr, va = fpdata.group_split(labels[labelled], groups[labelled], val_fraction, seed)
@@ -96,6 +97,31 @@ def load_fit_data(root: str | Path, val_fraction: float = 0.25, seed: int = 0, s
     return FitData(generated=generated, generated_ids=[it.id for it in gen_items], real=real,
                    real_ids=[it.id for it in real_items], labels=labels, groups=groups, train=train, val=val,
                    generated_source=source)
+
+
+GROUPS_FILE = "groups.csv"
+
+
+def pool_groups(root: str | Path, items: list[fpdata.ImageItem], images: list, threshold: float = 0.95
+                ) -> np.ndarray:
+    """Pseudo-patient ids of a benchmark's real images: its groups.csv, a manifest's groups, or clustering."""
+    known = groups_file(root, [it.id for it in items])
+    return known if known is not None else real_groups(items, images, threshold)
+
+
+def groups_file(root: str | Path, ids: list[str]) -> np.ndarray | None:
+    """Patient groups of ``ids`` from ``<root>/groups.csv`` (``id,group``; dev ids may be written without their
+    ``dev/`` prefix), or None when there is no such file or it misses one of the ids."""
+    path = Path(root) / GROUPS_FILE
+    if not path.is_file():
+        return None
+    found = lookup_ids(read_groups(path), ids)
+    if any(g is None for g in found):
+        missing = [i for i, g in zip(ids, found, strict=True) if g is None]
+        log.warning("%s does not name %d of the real images (e.g. %s); grouping by image similarity instead",
+                    path, len(missing), missing[0])
+        return None
+    return np.unique(found, return_inverse=True)[1].astype(np.int64)
 
 
 def real_groups(items: list[fpdata.ImageItem], images: list, threshold: float = 0.95) -> np.ndarray:

@@ -15,7 +15,9 @@ Label-free detectors are fitted once on all images without reading any label and
 detectors that learn (triplet, the selected ensemble ``best``) are refitted per split, the costly ones (triplet)
 on the first ``--trained-repeats`` repeats only. Ensembles reuse the member detectors fitted for the table
 (``RankEnsemble.prefitted``), and the members' scores, so nothing is computed twice. Each metric gets a
-stratified bootstrap 95% interval.
+bootstrap 95% interval that resamples whole pseudo-patient groups (stratified by class), and each detector's
+out-of-fold scores (first repeat) get a group-level permutation test of "no memorisation"
+(:mod:`fingerprint.evaluation.memorisation`): per-image decisions of a detector whose p > 0.05 are at chance.
 
 Writes to ``--out``: ``results.md`` (table), ``results.json`` (everything, per repeat), ``roc.png`` and
 ``roc_log.png`` (out-of-fold dev ROC curves), ``dev_scores.csv`` (out-of-fold dev scores of every detector),
@@ -43,7 +45,7 @@ from PIL import Image
 
 from fingerprint.config import ConfigError, flag, to_dict, validate
 from fingerprint.data import images as fpdata
-from fingerprint.data.imagesets import load_fit_data
+from fingerprint.data.imagesets import GROUPS_FILE, load_fit_data
 from fingerprint.detectors import (
     PRESETS,
     Detector,
@@ -55,7 +57,8 @@ from fingerprint.detectors import (
     finish_fit,
     kind,
 )
-from fingerprint.evaluation.metrics import bootstrap_ci, format_table
+from fingerprint.evaluation.memorisation import ALPHA, N_PERMUTATIONS, MemorisationTest, format_p, memorisation_test
+from fingerprint.evaluation.metrics import bootstrap_ci, format_table, resampling_unit
 from fingerprint.evaluation.plots import roc_plot
 from fingerprint.features.backbones import weights_file
 from fingerprint.io import write_csv_atomic, write_text_atomic
@@ -344,6 +347,8 @@ class Run:
     """Detector-specific facts for the report, e.g. which members the selected ensemble chose."""
     distribution_members: set[str] = field(default_factory=set)
     """Ensembles: members with a distributional signal that a fit used."""
+    memorisation: MemorisationTest | None = None
+    """Group-level permutation test of the first repeat's out-of-fold scores (set by :func:`summarise`)."""
 
     @property
     def family(self) -> str:
@@ -407,12 +412,19 @@ def evaluate_detector(d: Detector, data: FitData, splits: list[tuple[np.ndarray,
     return run
 
 
-def summarise(run: Run, y: np.ndarray, n_boot: int, seed: int) -> None:
-    """Bootstrap intervals per repeat; point and bounds averaged over repeats (identical AUCs when label-free)."""
-    run.per_repeat = [bootstrap_ci(y, s, decisions=d, n_boot=n_boot, seed=seed)
+def summarise(run: Run, y: np.ndarray, n_boot: int, seed: int, groups: np.ndarray | None = None) -> None:
+    """Bootstrap intervals per repeat; point and bounds averaged over repeats (identical AUCs when label-free);
+    and the memorisation test on the first repeat's out-of-fold scores.
+
+    ``groups`` (the labelled images' pseudo-patients, aligned with ``y``) makes both resample whole groups;
+    without them images are the unit, which gives too narrow intervals and too small p-values when
+    neighbouring slices of one patient are among the images.
+    """
+    run.per_repeat = [bootstrap_ci(y, s, decisions=d, n_boot=n_boot, seed=seed, groups=groups)
                       for s, d in zip(run.oof, run.decisions, strict=True)]
     run.metrics = {k: tuple(float(np.mean([m[k][j] for m in run.per_repeat])) for j in range(3))  # type: ignore[misc]
                    for k in run.per_repeat[0]}
+    run.memorisation = memorisation_test(y, run.oof[0], groups, n_permutations=N_PERMUTATIONS, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -454,6 +466,7 @@ def _row(run: Run) -> dict[str, Any]:
         "f1": m["f1"],
         "acc": m["accuracy"],
         "kappa": m["kappa"],
+        "p_mem": format_p(run.memorisation.p_value) if run.memorisation else None,
         "reps": len(run.oof),
         "seconds": f"{run.seconds:.1f}",
     }
@@ -461,14 +474,19 @@ def _row(run: Run) -> dict[str, Any]:
 
 COLUMNS = [("family", "family"), ("detector", "detector"), ("signal", "signal"), ("auc", "AUC [95% CI]"),
            ("tpr1", "TPR@1%FPR"), ("tpr5", "TPR@5%FPR"), ("f1", "F1"), ("acc", "accuracy"), ("kappa", "kappa"),
-           ("reps", "repeats"), ("seconds", "seconds")]
+           ("p_mem", "p (memorisation)"), ("reps", "repeats"), ("seconds", "seconds")]
 
 
-def goals(runs: list[Run], best_name: str | None) -> dict[str, Any]:
-    """Issue #6 section 4 checks, from this run's numbers."""
+def goals(runs: list[Run], best_name: str | None, submitted: str | None = None) -> dict[str, Any]:
+    """Issue #6 section 4 checks, from this run's numbers, and the memorisation verdict for the submitted detector
+    (``submitted``, else ``best_name``)."""
     base = [r for r in runs if r.family in BASELINE_FAMILIES]
     chosen = next((r for r in runs if r.detector.name == best_name), None)
     out: dict[str, Any] = {}
+    tested = next((r for r in runs if r.detector.name == (submitted or best_name)), None)
+    if tested is not None and tested.memorisation is not None:
+        out["memorisation"] = {"detector": tested.detector.name, "signal": signal_of(tested),
+                               "submitted": submitted is not None, **tested.memorisation.to_dict()}
     if base:
         b = max(base, key=lambda r: r.metrics["auc"][0])
         out["best_baseline"] = {"detector": b.detector.name, "auc": b.metrics["auc"][0]}
@@ -486,6 +504,18 @@ def goals(runs: list[Run], best_name: str | None) -> dict[str, Any]:
     return out
 
 
+def memorisation_warning(g: dict[str, Any]) -> str | None:
+    """The warning for a submission whose scores show no evidence of memorisation (p > 0.05), else None."""
+    m = g.get("memorisation")
+    if not m or m["evidence"]:
+        return None
+    what = "the submission's per-image decisions (submission.csv)" if m.get("submitted") else \
+        "its per-image decisions"
+    return (f"WARNING: {m['detector']} shows no evidence of memorisation on the dev images (permutation test over "
+            f"{m['n_groups']} {m['unit']}s, p = {format_p(m['p_value'])} > {ALPHA}): {what} are not supported by "
+            "evidence; they would be at chance.")
+
+
 def settings_text(d: Detector) -> str:
     """The settings of ``d`` that differ from its kind's defaults, as ``key=value`` pairs."""
     default = to_dict(kind(d.kind).cls.Settings())
@@ -493,10 +523,12 @@ def settings_text(d: Detector) -> str:
 
 
 def groups_from(config: BenchmarkConfig) -> str:
-    """Where the pseudo-patient groups come from (fingerprint.data.imagesets.real_groups)."""
+    """Where the pseudo-patient groups come from (fingerprint.data.imagesets.pool_groups)."""
     inferred = (f"inferred: average-linkage on 32x32 thumbnail correlation >= {config.group_threshold} "
                 "(fingerprint.data.images.infer_groups)")
     root = Path(config.data)
+    if (root / GROUPS_FILE).is_file():
+        return f"{GROUPS_FILE} (patient ids) where it names every real image, else " + inferred
     manifests = [root] if root.is_file() else [p / fpdata.MANIFEST_NAME for p in (root, root / "dev", root / "test")]
     if any(p.is_file() for p in manifests):
         return "the manifest's group ids where every real image has one, else " + inferred
@@ -517,15 +549,24 @@ def _markdown(config: BenchmarkConfig, data: FitData, runs: list[Run], g: dict[s
         f"Evaluation: {config.repeats} x {config.folds}-fold group-aware stratified CV ({n_splits} splits); "
         "label-free detectors fitted once on all images, learning ones refitted per split (costly ones on the "
         f"first {config.trained_repeats} repeat(s)). Scores out of fold, thresholds fitted on the training folds "
-        "(max F1; SSIM: real-to-real quantile chosen by F1). Metrics averaged over repeats, 95% stratified "
-        f"bootstrap intervals ({config.n_boot} resamples).",
+        "(max F1; SSIM: real-to-real quantile chosen by F1). Metrics averaged over repeats, 95% bootstrap "
+        f"intervals ({config.n_boot} resamples); resampling unit: {resampling_unit(data.groups[lab])}, so "
+        "near-duplicate slices of one pseudo-patient are never counted as independent.",
         "",
         format_table([_row(r) for r in runs], COLUMNS),
-        "signal: `distribution` = the score measures how generated-like an image is overall, which also rises "
-        "with any distribution shift between the generator's training set and the other real images, not only "
-        "with memorisation of that image; `mixed` = an ensemble that used such a member.",
+        "signal: `distribution` = a score driven by how the generator's training set differs from the other real "
+        "images as a population (how generated-like an image looks overall), not by memorisation of individual "
+        "images; `mixed` = an ensemble that used such a member.",
+        f"p (memorisation): one-sided permutation test of \"the scores do not separate used from not-used\" on "
+        f"the out-of-fold dev AUC of the first repeat, labels permuted among whole groups ({N_PERMUTATIONS} "
+        f"permutations; smallest possible p {format_p(1 / (N_PERMUTATIONS + 1))}). p > {ALPHA}: no evidence of "
+        "memorisation, the detector's per-image decisions would be at chance. A small p for a `distribution` or "
+        "`mixed` detector shows a population difference, not that single images were memorised.",
         "",
     ]
+    warning = memorisation_warning(g)
+    if warning:
+        lines += [f"**{warning}**", ""]
     if g:
         lines.append("Goals (issue #6, section 4):")
         if "best" in g and "best_baseline" in g:
@@ -540,6 +581,10 @@ def _markdown(config: BenchmarkConfig, data: FitData, runs: list[Run], g: dict[s
         if "strong_goals_met" in g:
             lines.append(f"- Baselines reach AUC >= 0.7 here, so AUC >= 0.97, TPR@1% >= 0.5, F1 >= 0.90 apply: "
                          f"{'met' if g['strong_goals_met'] else 'NOT met'}.")
+        if "memorisation" in g:
+            m = g["memorisation"]
+            lines.append(f"- Memorisation test on {m['detector']} (signal {m['signal']}; {m['n_groups']} "
+                         f"{m['unit']}s, {m['n_permutations']} permutations): {m['verdict']}.")
         lines.append("")
     lines += ["Detectors:", ""]
     for r in runs:
@@ -640,9 +685,9 @@ def main(config: BenchmarkConfig) -> dict[str, Any]:
     for i, d in enumerate(detectors, 1):
         log.info("[%d/%d] %s: %s", i, len(detectors), d.name, d.describe())
         run = evaluate_detector(d, data, splits, config.folds, config.trained_repeats, fitted)
-        summarise(run, y, config.n_boot, config.seed)
-        log.info("[%d/%d] %s: AUC %.3f [%.3f, %.3f] in %.1f s", i, len(detectors), d.name, *run.metrics["auc"],
-                 run.seconds)
+        summarise(run, y, config.n_boot, config.seed, groups=data.groups[lab])
+        log.info("[%d/%d] %s: AUC %.3f [%.3f, %.3f], memorisation p = %s, in %.1f s", i, len(detectors), d.name,
+                 *run.metrics["auc"], format_p(run.memorisation.p_value), run.seconds)
         runs.append(run)
 
     sub = config.submit_name()
@@ -655,7 +700,7 @@ def main(config: BenchmarkConfig) -> dict[str, Any]:
     # The goals judge our detector ("best") when it ran, whatever --submit says.
     judged = "best" if any(r.detector.name == "best" for r in runs) else (
         submit_run.detector.name if submit_run else None)
-    g = goals(runs, judged)
+    g = goals(runs, judged, submitted=submit_run.detector.name if submit_run else None)
 
     out.mkdir(parents=True, exist_ok=True)
     threshold = None
@@ -687,7 +732,10 @@ def main(config: BenchmarkConfig) -> dict[str, Any]:
             "family": r.family, "description": r.detector.describe(), "learns": r.detector.learns,
             "signal": signal_of(r), "seconds": r.seconds, "metrics": r.metrics, "per_repeat": r.per_repeat,
             "thresholds": r.thresholds, "notes": r.notes,
+            "memorisation": r.memorisation.to_dict() if r.memorisation else None,
         } for r in runs],
+        "bootstrap": {"unit": "group", "groups": int(len(np.unique(data.groups[lab]))), "n_boot": config.n_boot,
+                      "stratified": True, "description": resampling_unit(data.groups[lab])},
         "goals": g,
         "submission": ({"detector": submit_run.detector.name, "threshold": threshold,
                         "saved": DETECTOR_DIR if threshold is not None else None} if submit_run else None),
@@ -702,5 +750,9 @@ def main(config: BenchmarkConfig) -> dict[str, Any]:
         + ", ".join(f"{r.detector.name} {r.seconds:.0f} s" for r in runs) + ".\n"
     ))
     print(md)
+    warning = memorisation_warning(g)
+    if warning:
+        print(warning)
+        log.warning(warning)
     log.info("wrote %s in %.1f min", out, seconds / 60)
     return result

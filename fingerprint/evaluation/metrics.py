@@ -28,6 +28,8 @@ __all__ = [
     "bootstrap_ci",
     "confusion",
     "format_table",
+    "group_strata",
+    "resampling_unit",
     "roc_auc",
     "roc_curve",
     "tpr_at_fpr",
@@ -275,7 +277,7 @@ def all_metrics(
 def _score_metrics_batch(
     codes: np.ndarray, y: np.ndarray, idx: np.ndarray, n_codes: int
 ) -> dict[str, np.ndarray]:
-    """AUC and TPR@FPR for many resamples at once.
+    """AUC and TPR@FPR for many resamples at once, each given as the ``(n_boot, n)`` indices it draws.
 
     ``codes`` maps each sample to the rank of its distinct score (0 = lowest). For each resample we count
     positives and negatives per distinct score; every ROC point and the tie-aware AUC follow from cumulative
@@ -287,7 +289,29 @@ def _score_metrics_batch(
     y_rs = y[idx]
     pos_hist = np.bincount(flat, weights=y_rs.ravel(), minlength=n_boot * n_codes).reshape(n_boot, n_codes)
     all_hist = np.bincount(flat, minlength=n_boot * n_codes).reshape(n_boot, n_codes)
-    neg_hist = all_hist - pos_hist
+    return _metrics_from_histograms(pos_hist, all_hist - pos_hist)
+
+
+def _score_metrics_weighted(
+    codes: np.ndarray, y: np.ndarray, weights: np.ndarray, n_codes: int
+) -> dict[str, np.ndarray]:
+    """As :func:`_score_metrics_batch`, each resample given as ``(n_boot, n)`` multiplicities of the samples.
+
+    A group bootstrap draws whole groups, so one resample is how many times each sample was drawn (its
+    group's count); the histograms are weighted counts of the same codes, at the cost of an image bootstrap.
+    """
+    n_boot = weights.shape[0]
+    offsets = (np.arange(n_boot) * n_codes)[:, None]
+    flat = (codes[None, :] + offsets).ravel()
+    w = weights.astype(np.float64)
+    pos_hist = np.bincount(flat, weights=(w * y[None, :]).ravel(), minlength=n_boot * n_codes)
+    all_hist = np.bincount(flat, weights=w.ravel(), minlength=n_boot * n_codes)
+    pos_hist = pos_hist.reshape(n_boot, n_codes)
+    return _metrics_from_histograms(pos_hist, all_hist.reshape(n_boot, n_codes) - pos_hist)
+
+
+def _metrics_from_histograms(pos_hist: np.ndarray, neg_hist: np.ndarray) -> dict[str, np.ndarray]:
+    """AUC and TPR@FPR per row of ``(n_boot, n_codes)`` positive and negative counts per distinct score."""
     n_pos = pos_hist.sum(axis=1)
     n_neg = neg_hist.sum(axis=1)
     valid = (n_pos > 0) & (n_neg > 0)
@@ -308,6 +332,38 @@ def _score_metrics_batch(
     return out
 
 
+def _as_groups(groups: ArrayLike, n: int, name: str = "groups") -> np.ndarray:
+    """``(n,)`` group index 0..G-1 of each sample from any hashable-like ids (equal ids = one group)."""
+    arr = np.asarray(groups)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of one group id per sample, got shape {arr.shape}.")
+    if arr.shape[0] != n:
+        raise ValueError(f"labels and {name} have different lengths ({n} vs {arr.shape[0]}); pass one group id "
+                         f"(e.g. patient) per labelled sample.")
+    if arr.dtype == object:
+        if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in arr.tolist()):
+            raise ValueError(f"{name} contains missing values (None/NaN); give every sample a group id.")
+        arr = arr.astype(str)
+    elif np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
+        raise ValueError(f"{name} contains {int(np.isnan(arr).sum())} NaN values; give every sample a group id.")
+    return np.unique(arr, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def group_strata(y: np.ndarray, g: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Groups split by class for a stratified group resample, and the ``(G,)`` number of members per group.
+
+    Returns ``[member-only groups, non-member-only groups, mixed groups]`` (empty strata dropped), each the
+    sorted group indices of that stratum. A group whose images all share one label belongs to that label's
+    stratum; a group holding both (a patient with used and not-used slices) is *mixed*: mixed groups are
+    resampled among themselves, so every resample holds as many mixed groups as the data.
+    """
+    n_groups = int(g.max()) + 1
+    size = np.bincount(g, minlength=n_groups)
+    pos = np.bincount(g, weights=y, minlength=n_groups)
+    strata = [np.flatnonzero(pos == size), np.flatnonzero(pos == 0), np.flatnonzero((pos > 0) & (pos < size))]
+    return [s for s in strata if s.size], pos
+
+
 def bootstrap_ci(
     labels: ArrayLike,
     scores: ArrayLike,
@@ -317,24 +373,34 @@ def bootstrap_ci(
     alpha: float = 0.05,
     seed: int = 0,
     stratified: bool = True,
+    groups: ArrayLike | None = None,
 ) -> dict[str, tuple[float, float, float]]:
     """Percentile bootstrap confidence intervals for every metric of :func:`all_metrics`.
 
     Returns ``{metric: (point, low, high)}`` where ``point`` is the metric on the full data and
     ``(low, high)`` are the ``alpha/2`` and ``1 - alpha/2`` quantiles over ``n_boot`` resamples.
 
+    The resampling unit is the sample, or with ``groups`` (one id per sample, e.g. the patient) the group: each
+    resample draws whole groups with replacement, so near-duplicate neighbouring slices of one patient count as
+    one observation, not as many independent ones (an image bootstrap gives too narrow intervals for them).
+
     With ``stratified=True`` (default) members and non-members are resampled separately, keeping class
-    counts fixed so AUC and TPR@FPR are defined in every resample. With ``stratified=False`` whole samples
-    are resampled; resamples that happen to contain one class are ignored for the ranking metrics (NaN,
+    counts fixed so AUC and TPR@FPR are defined in every resample. With groups, the strata are the groups
+    whose images are all members, those that are all non-members, and the *mixed* groups (holding both); each
+    stratum is resampled within itself, so a resample has as many groups of each kind as the data (the number
+    of images still varies with the sizes of the groups drawn). With ``stratified=False`` whole samples (or
+    groups) are resampled; resamples that happen to contain one class are ignored for the ranking metrics (NaN,
     skipped by the quantiles).
 
     Percentile intervals need not contain the point estimate for statistics at the edge of their range
     (e.g. TPR at 0.1% FPR with few negatives), although they almost always do for AUC and accuracy.
-    A fixed ``seed`` makes the intervals reproducible.
+    A fixed ``seed`` makes the intervals reproducible; with one sample per group the group bootstrap draws
+    exactly the resamples of the image bootstrap with the same seed.
     """
     y = _as_labels(labels)
     s = _as_scores(scores, y.size)
     d = _resolve_decisions(s, decisions, threshold)
+    g = None if groups is None else _as_groups(groups, y.size)
     if isinstance(n_boot, bool) or not isinstance(n_boot, int | np.integer) or n_boot < 1:
         raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}.")
     alpha = float(alpha)
@@ -347,7 +413,11 @@ def bootstrap_ci(
     pos_idx = np.flatnonzero(y == 1)
     neg_idx = np.flatnonzero(y == 0)
     _, codes = np.unique(s, return_inverse=True)
+    codes = codes.reshape(-1)
     n_codes = int(codes.max()) + 1
+    if g is not None:
+        n_groups = int(g.max()) + 1
+        strata = group_strata(y, g)[0] if stratified else [np.arange(n_groups)]
 
     # Process resamples in chunks so memory stays bounded (histograms are n_boot x n_distinct_scores).
     chunk = max(1, min(n_boot, 1_000_000 // max(n_codes, n)))
@@ -355,26 +425,44 @@ def bootstrap_ci(
     done = 0
     while done < n_boot:
         b = min(chunk, n_boot - done)
-        if stratified:
-            idx = np.concatenate(
-                [
-                    pos_idx[rng.integers(0, pos_idx.size, size=(b, pos_idx.size))],
-                    neg_idx[rng.integers(0, neg_idx.size, size=(b, neg_idx.size))],
-                ],
-                axis=1,
-            )
+        if g is not None:
+            # How often each group is drawn, stratum by stratum; a sample counts as often as its group.
+            offsets = (np.arange(b) * n_groups)[:, None]
+            counts = np.zeros(b * n_groups, dtype=np.int64)
+            for st in strata:
+                drawn = st[rng.integers(0, st.size, size=(b, st.size))]
+                counts += np.bincount((drawn + offsets).ravel(), minlength=b * n_groups)
+            w = counts.reshape(b, n_groups)[:, g]
+            batch = _score_metrics_weighted(codes, y, w, n_codes)
         else:
-            idx = rng.integers(0, n, size=(b, n))
-        for key, val in _score_metrics_batch(codes, y, idx, n_codes).items():
+            if stratified:
+                idx = np.concatenate(
+                    [
+                        pos_idx[rng.integers(0, pos_idx.size, size=(b, pos_idx.size))],
+                        neg_idx[rng.integers(0, neg_idx.size, size=(b, neg_idx.size))],
+                    ],
+                    axis=1,
+                )
+            else:
+                idx = rng.integers(0, n, size=(b, n))
+            batch = _score_metrics_batch(codes, y, idx, n_codes)
+        for key, val in batch.items():
             samples[key].append(val)
         if d is not None:
-            y_rs = y[idx]
-            d_rs = d[idx]
-            tp = (y_rs & d_rs).sum(axis=1)
-            fp = ((1 - y_rs) & d_rs).sum(axis=1)
-            n_pos = y_rs.sum(axis=1)
+            if g is not None:
+                tp = (w * (y & d)).sum(axis=1)
+                fp = (w * ((1 - y) & d)).sum(axis=1)
+                n_pos = (w * y).sum(axis=1)
+                n_rs = w.sum(axis=1)
+            else:
+                y_rs = y[idx]
+                d_rs = d[idx]
+                tp = (y_rs & d_rs).sum(axis=1)
+                fp = ((1 - y_rs) & d_rs).sum(axis=1)
+                n_pos = y_rs.sum(axis=1)
+                n_rs = n
             fn = n_pos - tp
-            tn = (n - n_pos) - fp
+            tn = (n_rs - n_pos) - fp
             for key, val in _binary_from_counts(tp, fp, tn, fn).items():
                 samples[key].append(val)
         done += b
@@ -389,6 +477,15 @@ def bootstrap_ci(
             low, high = (float(q) for q in np.quantile(vals, [alpha / 2.0, 1.0 - alpha / 2.0]))
         out[key] = (pt, low, high)
     return out
+
+
+def resampling_unit(groups: ArrayLike | None) -> str:
+    """One line for reports: what :func:`bootstrap_ci` resampled, given the ``groups`` it was passed."""
+    if groups is None:
+        return ("images (no groups given: if neighbouring slices of one patient are among them, the intervals "
+                "are too narrow)")
+    n_groups = len(np.unique(np.asarray(groups).astype(str)))
+    return f"whole groups ({n_groups} groups, drawn with replacement within their class)"
 
 
 # ---------------------------------------------------------------------------------------------- tables

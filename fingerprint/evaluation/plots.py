@@ -36,13 +36,13 @@ _MAX_EVIDENCE_ROWS = 12
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)  # attaches itself as fig.canvas; no pyplot, no global backend switch
     return fig
 
 
-def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     """Render ``fig`` to ``path`` via a sibling temp file so a crash never leaves a truncated PNG."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ def roc_plot(
     """
     if not curves:
         raise ValueError("roc_plot: `curves` is empty; pass {detector name: (labels, scores)}.")
-    fig = _new_figure(5.6, 5.0)
+    fig = new_figure(5.6, 5.0)
     ax = fig.add_subplot()
     low = 1e-3
     for name, pair in curves.items():
@@ -167,7 +167,7 @@ def roc_plot(
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
     ax.set_title(title or ("ROC (log FPR)" if log_fpr else "ROC"))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def score_histogram(
@@ -192,7 +192,7 @@ def score_histogram(
         lo, hi = lo - 0.5, hi + 0.5
     bins = np.linspace(lo, hi, int(np.clip(np.sqrt(s.size) * 2, 10, 60)) + 1)
 
-    fig = _new_figure(6.4, 4.0)
+    fig = new_figure(6.4, 4.0)
     ax = fig.add_subplot()
     groups = (
         (0, "not used", _NOT_USED, dict(histtype="stepfilled", alpha=0.45)),
@@ -211,7 +211,7 @@ def score_histogram(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, framealpha=0.9)
     ax.set_title(title or "Score distribution")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_plot(labels: Any, decisions: Any, path: str | os.PathLike[str], title: str = "") -> Path:
@@ -239,7 +239,7 @@ def confusion_plot(labels: Any, decisions: Any, path: str | os.PathLike[str], ti
     row_tot = counts.sum(axis=1, keepdims=True)
     frac = np.divide(counts, row_tot, out=np.zeros(counts.shape, dtype=float), where=row_tot > 0)
 
-    fig = _new_figure(4.6, 4.2)
+    fig = new_figure(4.6, 4.2)
     ax = fig.add_subplot()
     ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
     for t in range(2):
@@ -258,7 +258,7 @@ def confusion_plot(labels: Any, decisions: Any, path: str | os.PathLike[str], ti
     if n_unknown:
         sub += f"; {n_unknown} unlabelled left out"
     ax.set_title(f"{title or 'Confusion matrix'}\n{sub}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _as_display_image(img: Any, where: str) -> tuple[np.ndarray, float | None, float | None]:
@@ -311,7 +311,7 @@ def evidence_grid(
     shown = list(rows)[:_MAX_EVIDENCE_ROWS]
     n_cols = 1 + max(len(r[2]) for r in shown)
     cell = 1.7
-    fig = _new_figure(cell * n_cols, cell * 1.18 * len(shown) + 0.5)
+    fig = new_figure(cell * n_cols, cell * 1.18 * len(shown) + 0.5)
     grid = fig.add_gridspec(len(shown), n_cols)
     for i, row in enumerate(shown):
         try:
@@ -346,7 +346,7 @@ def evidence_grid(
     if len(rows) > len(shown):
         head += f"  (first {len(shown)} of {len(rows)} shown)"
     fig.suptitle(head, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def training_curves(
@@ -369,7 +369,7 @@ def training_curves(
             "Pass keys=... naming the metrics to plot."
         )
     xs = np.array([float(h["epoch"]) if h.get("epoch") is not None else float(i) for i, h in enumerate(history)])
-    fig = _new_figure(3.2 * len(present), 2.8)
+    fig = new_figure(3.2 * len(present), 2.8)
     axes = fig.subplots(1, len(present), squeeze=False)[0]
     for ax, key in zip(axes, present, strict=True):
         pts = [(x, float(h[key])) for x, h in zip(xs, history, strict=True) if h.get(key) is not None]
@@ -379,7 +379,7 @@ def training_curves(
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def evidence_rows(

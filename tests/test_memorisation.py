@@ -1,0 +1,183 @@
+"""The memorisation test (group-level permutation test of the AUC) and its use by `fingerprint evaluate`."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from fingerprint.commands import evaluate as evaluate_cmd
+from fingerprint.config import ConfigError
+from fingerprint.evaluation import memorisation as mm
+from fingerprint.evaluation.memorisation import MemorisationTest, memorisation_test
+
+
+def _patients(seed: int, n_groups: int = 60, slices: int = 3, signal: float = 0.0, jitter: float = 0.02):
+    """Half the patients used; each patient's slices share a score (plus a little jitter) and a label."""
+    rng = np.random.default_rng(seed)
+    label = rng.permutation(np.arange(n_groups) % 2)
+    g = np.repeat(np.arange(n_groups), slices)
+    s = (rng.normal(size=n_groups) + signal * label)[g] + jitter * rng.normal(size=g.size)
+    return label[g], s, g
+
+
+def test_random_scores_give_no_evidence() -> None:
+    y, s, g = _patients(0)
+    res = memorisation_test(y, s, g)
+    assert isinstance(res, MemorisationTest)
+    assert res.p_value > 0.05 and not res.evidence
+    assert res.n_permutations == 2000 and res.n_groups == 60 and res.unit == "group"
+    assert res.auc == pytest.approx(roc_auc_score(y, s))
+    assert res.verdict.startswith("no evidence of memorisation (p = ")
+    assert res.verdict.endswith("): per-image decisions would be at chance")
+    assert res == memorisation_test(y, s, g)  # seeded: reproducible
+
+
+def test_p_values_are_roughly_uniform_under_h0() -> None:
+    ps = np.array([memorisation_test(*_patients(seed), n_permutations=200, seed=seed).p_value
+                   for seed in range(120)])
+    assert 0.4 < ps.mean() < 0.6
+    assert np.mean(ps <= 0.05) < 0.12
+    assert 0.1 < np.mean(ps <= 0.2) < 0.3 and 0.4 < np.mean(ps <= 0.5) < 0.6
+
+
+def test_separable_scores_give_the_smallest_p() -> None:
+    y, s, g = _patients(1, signal=10.0)
+    res = memorisation_test(y, s, g)
+    assert res.auc == 1.0 and res.evidence
+    assert res.p_value == pytest.approx(1 / 2001)
+    assert res.verdict == f"the scores separate training members from non-members (AUC 1.000, p = {1 / 2001:.3g})"
+    # One-sided: scores that rank members *below* non-members are no evidence.
+    assert memorisation_test(y, -s, g).p_value == 1.0
+
+
+def test_p_value_is_the_permutation_fraction() -> None:
+    y, s, g = _patients(2, n_groups=20, signal=0.5)
+    res = memorisation_test(y, s, g, n_permutations=300, seed=7)
+    # The same permutations, scored one by one with scikit-learn.
+    perms = mm._permuted_labels(y, np.unique(g, return_inverse=True)[1], 300, np.random.default_rng(7))
+    aucs = np.array([roc_auc_score(p, s) for p in perms])
+    assert res.p_value == pytest.approx((1 + np.sum(aucs >= res.auc - 1e-12)) / 301)
+
+
+def test_duplicated_slices_do_not_make_p_smaller() -> None:
+    # One slice per patient, then the same data with every slice repeated 5 times (near-duplicate neighbours).
+    y1, s1, _ = _patients(3, n_groups=40, slices=1, signal=0.5, jitter=0.0)
+    one = memorisation_test(y1, s1, np.arange(y1.size))
+    g = np.repeat(np.arange(y1.size), 5)
+    y5, s5 = y1[g], s1[g]
+    grouped = memorisation_test(y5, s5, g)
+    assert grouped.auc == pytest.approx(one.auc)
+    assert grouped.p_value >= one.p_value - 1e-12
+    assert grouped.p_value == pytest.approx(one.p_value)  # the same test: copies add no evidence
+    # Treating the copies as independent images overstates the evidence.
+    as_images = memorisation_test(y5, s5)
+    assert as_images.unit == "image" and as_images.n_groups == 200
+    assert as_images.p_value < one.p_value
+
+
+def test_mixed_groups_move_whole_label_vectors() -> None:
+    y, s, g = _patients(4, n_groups=30, slices=4)
+    y = y.copy()
+    y[[0, 5, 40, 41]] = 1 - y[[0, 5, 40, 41]]  # groups 0, 1 and 10 now hold both labels
+    perms = mm._permuted_labels(y, g, 200, np.random.default_rng(0))
+    mixed = [0, 1, 10]
+    vectors = {tuple(y[g == j]) for j in mixed}
+    for p in perms:
+        assert p.sum() == y.sum()
+        for j in range(30):
+            part = p[g == j]
+            if j in mixed:
+                assert tuple(part) in vectors
+            else:
+                assert part.min() == part.max()  # a pure group stays pure
+    # Mixed groups do exchange their vectors, and pure groups their labels.
+    assert len({tuple(p[g == 0]) for p in perms}) > 1
+    assert len({tuple(p[g == 2]) for p in perms}) == 2
+    assert 0 <= memorisation_test(y, s, g).p_value <= 1
+
+
+def test_few_groups_say_p_cannot_be_small() -> None:
+    res = memorisation_test([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4], ["a", "a", "b", "b"])
+    assert res.auc == 1.0 and res.p_value > 0.05
+    assert "only 2 distinct label assignments" in res.verdict
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"labels": [0, 1, 2, 1]}, "labels must contain only 0 and 1"),
+        ({"labels": [1, 1, 1, 1]}, "labels contain a single class"),
+        ({"scores": [0.1, 0.2, float("nan"), 0.4]}, "scores contain 1 NaN"),
+        ({"scores": [0.1, 0.2]}, "labels and scores have different lengths"),
+        ({"groups": [0, 1, 1]}, "labels and groups have different lengths"),
+        ({"groups": [[0, 1], [1, 0]]}, "groups must be a 1-D array"),
+        ({"n_permutations": 0}, "n_permutations must be a positive integer"),
+        ({"n_permutations": 2.5}, "n_permutations"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs: dict, match: str) -> None:
+    args = {"labels": [0, 1, 0, 1], "scores": [0.1, 0.2, 0.3, 0.4], "groups": None, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        memorisation_test(**args)
+
+
+# ------------------------------------------------------------------------------------ fingerprint evaluate
+
+
+def _write_scores(path: Path, bench: Path, signal: float) -> None:
+    """Scores for the sample's test images: members get ``signal`` more, patients share a score."""
+    labels = {r["id"]: int(r["label"]) for r in csv.DictReader((bench / "test_labels.csv").open())}
+    groups = {r["id"]: int(r["group"]) for r in csv.DictReader((bench / "groups.csv").open())}
+    rng = np.random.default_rng(0)
+    patient = rng.normal(size=max(groups.values()) + 1)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "score", "decision"])
+        for i, lab in labels.items():
+            score = patient[groups[i]] + signal * lab + 0.01 * rng.normal()
+            w.writerow([i, f"{score:.6f}", int(score > 0)])
+
+
+def test_evaluate_reports_groups_and_the_verdict(sample_bench: Path, tmp_path: Path, capsys) -> None:
+    scores = tmp_path / "scores.csv"
+    _write_scores(scores, sample_bench, signal=5.0)
+    cfg = dict(scores=str(scores), labels=str(sample_bench / "test_labels.csv"), n_boot=200)
+    ci = evaluate_cmd.main(evaluate_cmd.EvaluateConfig(**cfg, groups=str(sample_bench / "groups.csv"),
+                                                      out=str(tmp_path / "grouped")))
+    printed = capsys.readouterr().out
+    got = json.loads((tmp_path / "grouped" / "metrics.json").read_text())
+    assert got["auc"] == list(ci["auc"]) and got["auc"][0] == 1.0
+    assert got["bootstrap"]["unit"] == "group"
+    mem = got["memorisation"]
+    assert mem["unit"] == "group" and mem["n_permutations"] == 2000 and mem["n_groups"] == 4
+    md = (tmp_path / "grouped" / "metrics.md").read_text()
+    assert "resampling unit: whole groups (4 groups" in md and mem["verdict"] in md and mem["verdict"] in printed
+    # Four patients allow only 6 label assignments: the test says it cannot give a small p.
+    assert not mem["evidence"] and "cannot fall below" in mem["verdict"]
+
+    evaluate_cmd.main(evaluate_cmd.EvaluateConfig(**cfg, out=str(tmp_path / "images")))
+    got = json.loads((tmp_path / "images" / "metrics.json").read_text())
+    assert got["bootstrap"]["unit"] == "image" and got["memorisation"]["unit"] == "image"
+    assert got["memorisation"]["evidence"]  # slices as independent images: p looks small
+    md = (tmp_path / "images" / "metrics.md").read_text()
+    assert "too narrow" in md and f"--groups {sample_bench / 'groups.csv'}" in md
+
+
+def test_evaluate_groups_problems_name_the_flag(sample_bench: Path, tmp_path: Path) -> None:
+    scores = tmp_path / "scores.csv"
+    _write_scores(scores, sample_bench, signal=0.0)
+    base = dict(scores=str(scores), labels=str(sample_bench / "test_labels.csv"), out=str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match="--groups"):
+        evaluate_cmd.main(evaluate_cmd.EvaluateConfig(**base, groups=str(tmp_path / "missing.csv")))
+    partial = tmp_path / "groups.csv"
+    partial.write_text("id,group\nreal_unknown_0001,3\n")
+    with pytest.raises(ConfigError, match="--groups.*no group for"):
+        evaluate_cmd.main(evaluate_cmd.EvaluateConfig(**base, groups=str(partial)))
+    # Dev ids of a benchmark match the plain stems that groups.csv holds.
+    assert evaluate_cmd.groups_of(sample_bench / "groups.csv", ["dev/used_0001", "used_0001"])[0] == \
+        evaluate_cmd.groups_of(sample_bench / "groups.csv", ["used_0001"])[0]

@@ -1,0 +1,217 @@
+"""`fingerprint suite`: leave-one-benchmark-out selection on three tiny phantom benchmarks (memorisation 0, 0.5,
+0.95). Checks that a held-out benchmark's choice never reads its labels, that test labels never reach fitting,
+that the per-(benchmark, candidate) cache is reused, the --extra submission, bad input, and the group bootstrap."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fingerprint.commands import cli
+from fingerprint.config import ConfigError
+from fingerprint.data.phantoms import make_sample_dataset
+from fingerprint.detectors import load_detector
+from fingerprint.evaluation import suite
+from fingerprint.evaluation.suite import SuiteConfig, choose, zoo_info
+
+CANDIDATES = "pixel_l2,pixel_ncc,gradient_nn"
+TINY = dict(candidates=CANDIDATES, folds=2, repeats=1, image_size=32, n_boot=50)
+TINY_ARGS = ["--candidates", CANDIDATES, "--folds", "2", "--repeats", "1", "--image-size", "32", "--n-boot", "50"]
+LEVELS = {"m000": 0.0, "m050": 0.5, "m095": 0.95}
+
+
+def _tiny_bench(path: Path, memorisation: float, seed: int) -> Path:
+    make_sample_dataset(path, n_patients=12, slices_per_patient=3, size=32, n_generated_dev=48,
+                        n_generated_test=48, memorisation=memorisation, n_reference_patients=12, seed=seed)
+    return path
+
+
+@pytest.fixture(scope="module")
+def benches(tmp_path_factory) -> tuple[Path, Path]:
+    """(suite folder with three benchmarks, an extra benchmark). Two carry a zoo.json, one does not."""
+    root = tmp_path_factory.mktemp("suite")
+    for i, (name, m) in enumerate(LEVELS.items()):
+        _tiny_bench(root / "suite" / name, m, seed=i)
+        if name != "m050":
+            (root / "suite" / name / "zoo.json").write_text(json.dumps(
+                {"family": "pca", "settings": {"memorisation": m, "blend": 0.1}}))
+    return root / "suite", _tiny_bench(root / "extra", 0.9, seed=7)
+
+
+@pytest.fixture(scope="module")
+def first(benches, tmp_path_factory) -> tuple[Path, dict]:
+    """One run through the CLI, with --extra; returns (out, suite.json)."""
+    suite_dir, extra = benches
+    out = tmp_path_factory.mktemp("out") / "run"
+    assert cli.main(["suite", "--suite", str(suite_dir), "--extra", str(extra), "--out", str(out), *TINY_ARGS]) == 0
+    return out, json.loads((out / "suite.json").read_text())
+
+
+def _run(suite_dir: Path, out: Path, **kw) -> dict:
+    return suite.run(SuiteConfig(suite=str(suite_dir), out=str(out), **{**TINY, **kw}))
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rows(res: dict) -> dict[str, dict]:
+    return {r["benchmark"]: r for r in res["leave_one_out"]}
+
+
+def test_outputs_and_leave_one_out(first) -> None:
+    out, res = first
+    for name in ("suite.md", "suite.json", "suite_auc.png"):
+        assert (out / name).is_file(), name
+    for b in LEVELS:
+        for c in CANDIDATES.split(","):
+            assert (out / "cache" / b / f"{c}.json").is_file()
+    rows = _rows(res)
+    assert sorted(rows) == sorted(LEVELS)
+    # Each held-out choice is the rule applied to the other benchmarks' dev-CV AUCs.
+    for b, r in rows.items():
+        rest = [o for o in LEVELS if o != b]
+        assert r["chosen"] == choose(res["dev_auc"], rest, "mean")[0]
+        assert r["other_rule_chosen"] == choose(res["dev_auc"], rest, "worst")[0]
+        assert r["dev_auc"] == pytest.approx(res["dev_auc"][b][r["chosen"]])
+        point, low, high = r["test_auc_ci"]
+        assert 0 <= low <= point <= high <= 1
+        assert r["best_baseline"] in ("pixel_l2", "pixel_ncc")
+        assert r["margin"] == pytest.approx(r["test_auc"] - r["best_baseline_test_auc"])
+        assert r["groups_from"] == "groups.csv"
+    # zoo.json gives family and memorisation; without one the benchmark is 'unknown'.
+    assert (rows["m095"]["family"], rows["m095"]["memorisation"]) == ("pca", "0.95")
+    assert (rows["m050"]["family"], rows["m050"]["memorisation"]) == ("unknown", "?")
+    assert {(f["family"], f["memorisation"]) for f in res["families"]} == {
+        ("pca", "0"), ("pca", "0.95"), ("pca", "all"), ("unknown", "?")}
+    md = (out / "suite.md").read_text()
+    for text in ("Leave one benchmark out", "By generator family", "What a user may conclude", "test AUC on B"):
+        assert text in md
+    # The strongly memorising benchmark is easy: some candidate separates its test images well.
+    assert rows["m095"]["hindsight_best_test_auc"] > 0.8
+
+
+def test_extra_submission(first, benches) -> None:
+    out, res = first
+    _, extra = benches
+    chosen = res["suite_choice"]["mean"]["candidate"]
+    unknown = sorted(p.stem for p in (extra / "test" / "real_unknown").glob("*.png"))
+    sub = list(csv.reader((out / "extra" / "submission.csv").open()))
+    assert sorted(r[0] for r in sub) == unknown and all(r[1] in ("0", "1") and len(r) == 2 for r in sub)
+    scores = list(csv.DictReader((out / "extra" / "scores.csv").open()))
+    assert sorted(r["id"] for r in scores) == unknown
+    det = load_detector(out / "extra" / "detector")
+    assert det.name == chosen
+    assert res["extras"][0]["candidate"] == chosen and res["extras"][0]["test"] == len(unknown)
+
+
+def test_rerun_reuses_the_cache(first, benches) -> None:
+    out, res = first
+    suite_dir, extra = benches
+    cache = sorted((out / "cache").rglob("*.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in cache}
+    sub_stamp = (out / "extra" / "submission.csv").stat().st_mtime_ns
+    again = _run(suite_dir, out, extra=str(extra))
+    assert again["work"]["evaluated"] == 0 and again["work"]["reused"] == 3 * len(LEVELS)
+    assert again["work"]["loaded"] == 0 and again["work"]["submitted"] == 0
+    assert {p: p.stat().st_mtime_ns for p in cache} == stamps
+    assert (out / "extra" / "submission.csv").stat().st_mtime_ns == sub_stamp
+    assert again["leave_one_out"] == res["leave_one_out"]
+    # Another candidate set evaluates only what is new.
+    more = _run(suite_dir, out, candidates=CANDIDATES + ",pixel_mass")
+    assert more["work"]["evaluated"] == len(LEVELS) and more["work"]["reused"] == 3 * len(LEVELS)
+
+
+def _flip(bench: Path) -> None:
+    """Swap the dev labels (used <-> not_used folders) and the test labels of ``bench``."""
+    (bench / "dev" / "used").rename(bench / "dev" / "tmp")
+    (bench / "dev" / "not_used").rename(bench / "dev" / "used")
+    (bench / "dev" / "tmp").rename(bench / "dev" / "not_used")
+    rows = list(csv.DictReader((bench / "test_labels.csv").open()))
+    with (bench / "test_labels.csv").open("w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(("id", "label"))
+        w.writerows((r["id"], 1 - int(r["label"])) for r in rows)
+
+
+@pytest.mark.parametrize("held_out", sorted(LEVELS))
+def test_choice_for_held_out_never_reads_its_labels(first, benches, tmp_path, held_out) -> None:
+    _, res = first
+    flipped = _copy(benches[0], tmp_path / "suite")
+    _flip(flipped / held_out)
+    new = _run(flipped, tmp_path / "out")
+    before, after = _rows(res)[held_out], _rows(new)[held_out]
+    assert after["chosen"] == before["chosen"]
+    assert after["other_rule_chosen"] == before["other_rule_chosen"]
+    # Its own numbers did see the flip: label-free scores, labels reversed.
+    for c in CANDIDATES.split(","):
+        assert new["dev_auc"][held_out][c] == pytest.approx(1 - res["dev_auc"][held_out][c])
+        assert new["test_auc"][held_out][c][0] == pytest.approx(1 - res["test_auc"][held_out][c][0])
+
+
+def test_choose_reads_only_the_benchmarks_it_is_given() -> None:
+    dev = {"A": {"pixel_l2": 0.75, "best": 0.9}, "B": {"pixel_l2": 0.7, "best": 0.7005}}
+    assert choose({"B": dev["B"]}, ["B"], "mean") == ("pixel_l2", 0.7)  # a tie within TIE: the simpler one
+    assert choose(dev, ["A", "B"], "mean")[0] == "best"
+    assert choose(dev, ["A", "B"], "worst")[0] == "pixel_l2"  # 0.7 vs 0.7005: a tie
+    with pytest.raises(KeyError):
+        choose({"A": dev["A"]}, ["A", "B"], "mean")
+
+
+def test_test_labels_never_reach_fitting(first, benches, tmp_path) -> None:
+    out, res = first
+    shuffled = _copy(benches[0], tmp_path / "suite")
+    rng = np.random.default_rng(1)
+    for b in LEVELS:
+        path = shuffled / b / "test_labels.csv"
+        rows = list(csv.DictReader(path.open()))
+        labels = rng.permutation([r["label"] for r in rows])
+        path.write_text("id,label\n" + "".join(f"{r['id']},{v}\n" for r, v in zip(rows, labels, strict=True)))
+    new_out = tmp_path / "out"
+    new = _run(shuffled, new_out)
+    assert new["work"]["evaluated"] == 3 * len(LEVELS)  # a fresh folder: everything refitted
+    for b in LEVELS:
+        for c in CANDIDATES.split(","):
+            a = json.loads((out / "cache" / b / f"{c}.json").read_text())
+            z = json.loads((new_out / "cache" / b / f"{c}.json").read_text())
+            assert z["test"] == a["test"] and z["dev"] == a["dev"]
+    assert new["dev_auc"] == res["dev_auc"]
+    assert [r["chosen"] for r in new["leave_one_out"]] == [r["chosen"] for r in res["leave_one_out"]]
+
+
+def test_bad_input_names_the_flag_and_folder(benches, tmp_path) -> None:
+    suite_dir, extra = benches
+    empty = tmp_path / "empty"
+    (empty / "notes").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=rf"--suite: '{empty}' holds no benchmark"):
+        _run(empty, tmp_path / "o1")
+    with pytest.raises(ConfigError, match="it is itself one benchmark"):
+        _run(suite_dir / "m050", tmp_path / "o2")
+    nolabels = _copy(suite_dir, tmp_path / "nolabels")
+    (nolabels / "m050" / "test_labels.csv").unlink()
+    with pytest.raises(ConfigError, match=rf"--suite: benchmark '{nolabels / 'm050'}' has no test_labels.csv"):
+        _run(nolabels, tmp_path / "o3")
+    with pytest.raises(ConfigError, match="--candidates: unknown nope"):
+        _run(suite_dir, tmp_path / "o4", candidates="pixel_l2,nope")
+    with pytest.raises(ConfigError, match=rf"--extra: '{tmp_path / 'missing'}' is not a benchmark"):
+        _run(suite_dir, tmp_path / "o5", extra=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="--suite: required"):
+        suite.run(SuiteConfig())
+    # Through the CLI: exit code 2 and the message, no traceback.
+    assert cli.main(["suite", "--suite", str(empty), "--out", str(tmp_path / "o6")]) == 2
+
+
+def test_zoo_info(tmp_path) -> None:
+    assert zoo_info(tmp_path)[:2] == ("unknown", "?")
+    (tmp_path / "zoo.json").write_text(json.dumps({"family": "stylegan", "memorization": 0.25}))
+    assert zoo_info(tmp_path)[:2] == ("stylegan", "0.25")
+    (tmp_path / "zoo.json").write_text(json.dumps({"family": "dcgan", "level": "high", "settings": {"steps": 9}}))
+    assert zoo_info(tmp_path)[:2] == ("dcgan", "high")
+    (tmp_path / "zoo.json").write_text("{not json")
+    assert zoo_info(tmp_path)[:2] == ("unknown", "?")
