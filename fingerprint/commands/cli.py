@@ -44,6 +44,7 @@ BUILTIN: dict[str, Callable[[], Command]] = {
     "evaluate": _lazy("fingerprint.commands.evaluate", "EvaluateConfig"),
     "sample-data": _lazy("fingerprint.commands.sample_data", "SampleDataConfig"),
     "benchmark": _lazy("fingerprint.evaluation.benchmark", "BenchmarkConfig"),
+    "zoo": _lazy("fingerprint.commands.zoo", "ZooConfig"),
     "suite": _lazy("fingerprint.commands.suite", "SuiteConfig"),
 }
 

@@ -87,7 +87,10 @@ def settings_problems(name: str, settings: Any) -> list[str]:
             settings = from_dict(cls.Settings, settings)
         except TypeError as e:
             return [f"--settings: {e}"]
-    return [f"--settings: {name}.{p.removeprefix('--').replace('-', '_')}" for p in check_fields(settings)]
+    found = check_fields(settings)
+    if not found and hasattr(settings, "problems"):  # rules across fields, e.g. "a multiple of 4"
+        found = settings.problems()
+    return [f"--settings: {name}.{p.removeprefix('--').replace('-', '_')}" for p in found]
 
 
 def create_generator(name: str, settings: Any = None) -> Generator:

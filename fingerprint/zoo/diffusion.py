@@ -52,6 +52,9 @@ class DiffusionSettings:
     eta: Annotated[float, Range(0, 1)] = 0.0
     """DDIM stochasticity: 0 = deterministic given the initial noise, 1 = DDPM-like."""
 
+    def problems(self) -> list[str]:
+        return [f"--width: must be a multiple of 4 (group norm), got {self.width}"] if self.width % 4 else []
+
 
 @register_family("diffusion")
 class Diffusion(Generator):
