@@ -215,3 +215,10 @@ def test_zoo_info(tmp_path) -> None:
     assert zoo_info(tmp_path)[:2] == ("dcgan", "high")
     (tmp_path / "zoo.json").write_text("{not json")
     assert zoo_info(tmp_path)[:2] == ("unknown", "?")
+
+
+def test_zoo_level_from_its_check(tmp_path) -> None:
+    (tmp_path / "zoo.json").write_text(json.dumps({"family": "vae", "checks": {"nn_l2_auc_test": 0.95}}))
+    assert zoo_info(tmp_path)[:2] == ("vae", "strong")
+    (tmp_path / "zoo.json").write_text(json.dumps({"family": "vae", "checks": {"nn_l2_auc_test": 0.55}}))
+    assert zoo_info(tmp_path)[:2] == ("vae", "weak")

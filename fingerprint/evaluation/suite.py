@@ -264,7 +264,7 @@ def zoo_info(path: str | Path) -> tuple[str, str, dict[str, Any]]:
 
     The memorisation level is looked for at the top level and then in any nested settings dict, under a key
     that starts with 'memoris' or 'memoriz' (memorisation, memorization, memorisation_level), else a top-level
-    'level'.
+    'level', else from the zoo's own pixel-NN check (:func:`memorisation_level`).
     """
     file = Path(path) / ZOO_FILE
     try:
@@ -287,8 +287,16 @@ def zoo_info(path: str | Path) -> tuple[str, str, dict[str, Any]]:
 
     mem = find(raw)
     mem = raw.get("level") if mem is None and not isinstance(raw.get("level"), dict) else mem
+    if mem is None and isinstance(raw.get("checks"), dict) and "nn_l2_auc_test" in raw["checks"]:
+        mem = memorisation_level(float(raw["checks"]["nn_l2_auc_test"]))
     level = "?" if mem is None else (f"{mem:g}" if isinstance(mem, int | float) else str(mem))
     return family, level, raw
+
+
+def memorisation_level(nn_auc: float) -> str:
+    """A zoo benchmark's memorisation level from its own check (pixel-NN test AUC, from the answer key): only
+    to group the report, never to choose."""
+    return "strong" if nn_auc >= 0.9 else "moderate" if nn_auc >= 0.65 else "weak"
 
 
 def make_bench(path: str | Path) -> Bench:
