@@ -131,7 +131,7 @@ def main(config: DemoConfig) -> DemoResult:
     submission = predict.main(predict.PredictConfig(model=str(detector), data=str(data), out=str(out / "predict")))
     metrics = evaluate.main(evaluate.EvaluateConfig(scores=str(out / "predict" / "scores.csv"),
                                                     labels=str(data / "test_labels.csv"), out=str(out / "evaluate"),
-                                                    n_boot=500))
+                                                    groups=str(data / "groups.csv"), n_boot=500))
     seconds = time.perf_counter() - t0
     db = tracking_uri.removeprefix("sqlite:///")
     val = registry.version_metrics(mv).get("val_auc", float("nan"))
