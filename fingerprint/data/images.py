@@ -280,6 +280,27 @@ def load_array(items: Sequence[ImageItem | str | Path], size: int | None = None)
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Writing benchmarks
+
+BENCHMARK_DIRS = ("dev/generated", "dev/used", "dev/not_used", "test/generated", "test/real_unknown")
+"""The folders of a benchmark in the shared (ImageCLEF) layout."""
+
+
+def save_gray_png(pixels: np.ndarray, path: Path) -> None:
+    """An (H, W) uint8 array as an 8-bit gray PNG."""
+    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(path, format="PNG")
+
+
+def write_generated(root: Path, dev: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> None:
+    """Make the benchmark folders under ``root`` and write the generated images (``gen_00001.png`` ...)."""
+    for sub in BENCHMARK_DIRS:
+        (root / sub).mkdir(parents=True)
+    for split, images in (("dev", dev), ("test", test)):
+        for i, im in enumerate(images, 1):
+            save_gray_png(im, root / split / "generated" / f"gen_{i:05d}.png")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Opening sets
 
 

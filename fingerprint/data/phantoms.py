@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from fingerprint.data.images import save_gray_png, write_generated
 from fingerprint.io import atomic_dir
 
 __all__ = [
@@ -524,10 +524,6 @@ class PCAGenerator:
         return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8).reshape(n, *self.shape_)
 
 
-def _save_png(arr: np.ndarray, path: Path) -> None:
-    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(path, format="PNG")
-
-
 def make_sample_dataset(
     out_dir: Path | str,
     n_patients: int = 30,
@@ -638,20 +634,15 @@ def make_sample_dataset(
     with atomic_dir(out_dir) as tmp:
         group_rows: list[tuple[str, int]] = []
         label_rows: list[tuple[str, int]] = []
-        for sub in ("dev/generated", "dev/used", "dev/not_used", "test/generated", "test/real_unknown"):
-            (tmp / sub).mkdir(parents=True)
-        for i, im in enumerate(dev_gen, 1):
-            _save_png(im, tmp / "dev/generated" / f"gen_{i:05d}.png")
-        for i, im in enumerate(test_gen, 1):
-            _save_png(im, tmp / "test/generated" / f"gen_{i:05d}.png")
+        write_generated(tmp, dev_gen, test_gen)
         for prefix, idxs in (("used", dev_used_idx), ("not_used", dev_not_idx)):
             for i, j in enumerate(idxs, 1):
                 stem = f"{prefix}_{i:04d}"
-                _save_png(images[j], tmp / "dev" / prefix / f"{stem}.png")
+                save_gray_png(images[j], tmp / "dev" / prefix / f"{stem}.png")
                 group_rows.append((stem, int(groups[j])))
         for i, (j, lab) in enumerate(zip(test_real, test_lab, strict=True), 1):
             stem = f"real_unknown_{i:04d}"
-            _save_png(images[j], tmp / "test/real_unknown" / f"{stem}.png")
+            save_gray_png(images[j], tmp / "test/real_unknown" / f"{stem}.png")
             group_rows.append((stem, int(groups[j])))
             label_rows.append((stem, int(lab)))
         for name, header, rows in (("test_labels.csv", ("id", "label"), label_rows),

@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from PIL import Image
 
 from fingerprint.config import ConfigError, Range, check_fields, field_docs
+from fingerprint.data.images import save_gray_png, write_generated
 from fingerprint.io import atomic_dir, jsonable, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -228,10 +228,6 @@ def _seeds(seed: int) -> dict[str, int]:
     return {k: int(s.generate_state(1)[0]) for k, s in zip(names, kids, strict=True)}
 
 
-def _save_png(arr: np.ndarray, path: Path) -> None:
-    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), mode="L").save(path, format="PNG")
-
-
 def _to_u8(x: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
 
@@ -306,12 +302,7 @@ def build_benchmark(out: str | Path, pool: Sequence[str | Path] | PoolImages, fa
     t3 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
-        for sub in ("dev/generated", "dev/used", "dev/not_used", "test/generated", "test/real_unknown"):
-            (tmp / sub).mkdir(parents=True)
-        for i, im in enumerate(dev_gen, 1):
-            _save_png(im, tmp / "dev/generated" / f"gen_{i:05d}.png")
-        for i, im in enumerate(test_gen, 1):
-            _save_png(im, tmp / "test/generated" / f"gen_{i:05d}.png")
+        write_generated(tmp, dev_gen, test_gen)
         # Group numbers in order of first appearance in the written files, so they tell nothing about the pool.
         renum: dict[int, int] = {}
         group_rows: list[tuple[str, int]] = []
@@ -319,7 +310,7 @@ def build_benchmark(out: str | Path, pool: Sequence[str | Path] | PoolImages, fa
 
         def put(j: int, rel: str, label: int) -> None:
             g = renum.setdefault(int(pool.groups[j]), len(renum))
-            _save_png(px[j], tmp / rel)
+            save_gray_png(px[j], tmp / rel)
             group_rows.append((Path(rel).stem, g))
             files[rel] = {"source": pool.sources[j], "label": label, "group": g}
 
