@@ -16,6 +16,14 @@ refusal prints which rule failed and the numbers behind it. Aliases only: regist
 The alias moves in one registry call before anything else happens, so a failure never leaves the model without a
 champion; the change (from, to, metrics, run ids, time) is then recorded in the model's alias history, which MLflow
 itself does not keep.
+
+Concurrent promotions. MLflow has no transactions across calls, so "decide, then move the alias" run by two
+promoters at once let both move it, the later one possibly to the worse version. A promotion therefore takes the
+registry-held lock of `jobs.registry.promotion_lock` (a registered-model tag, so it works with a sqlite file and
+with a tracking server alike) and, holding it, re-reads the champion, decides again on that fresh state, checks the
+lock is still ours, moves the alias, and re-reads the alias to confirm it points where we set it (a mismatch is
+reported). A promoter that cannot take the lock within --lock-timeout seconds refuses and changes nothing. A
+refusal and --dry-run need no lock: they change nothing, and a champion only ever gets better under the rules.
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ class PromoteConfig:
     """Print the recorded alias changes of --model and stop."""
     tracking_uri: str = "sqlite:///mlflow.db"
     """MLflow tracking URI holding the registry (relative sqlite paths are relative to this folder)."""
+    lock_timeout: float = 30.0
+    """Seconds to wait for another promotion of the same model to finish before refusing."""
 
     def required(self) -> list[str]:
         return [m.strip() for m in self.require.split(",") if m.strip()]
@@ -71,6 +81,8 @@ class PromoteConfig:
             out.append(f"{flag('candidate')}: must differ from {flag('champion')}")
         if not self.tracking_uri:
             out.append(f"{flag('tracking_uri')}: required (e.g. sqlite:///mlflow.db)")
+        if not math.isfinite(self.lock_timeout) or self.lock_timeout < 0:
+            out.append(f"{flag('lock_timeout')}: must be a number of seconds >= 0 (got {self.lock_timeout})")
         return out
 
 
@@ -85,6 +97,8 @@ class Decision:
     metrics: dict[str, Any] = field(default_factory=dict)
     applied: bool = False
     """True when the alias actually moved (not a dry run)."""
+    warning: str = ""
+    """Set when the alias, re-read after the move, did not point at the candidate (someone else moved it)."""
 
 
 def label(mv: Any) -> str:
@@ -195,15 +209,40 @@ def main(config: PromoteConfig) -> Decision:
         return Decision(False, "history shown")
     decision = decide(config)
     if decision.promote and not config.dry_run:
-        registry.set_alias(config.model, config.champion, decision.candidate, reason=decision.reason,
-                           metrics={k: v for k, v in decision.metrics.items() if v is not None})
-        decision.applied = True
+        decision = promote_locked(config)
     prefix = "[dry run] " if config.dry_run else ""
     print(f"{prefix}{config.model}: {decision.reason}")
     if decision.applied:
         print(f"{config.model}: '{config.champion}' -> version {decision.candidate}"
               + (f" (was {decision.champion})" if decision.champion else ""))
+    if decision.warning:
+        print(f"{config.model}: WARNING {decision.warning}")
     return decision
+
+
+def promote_locked(config: PromoteConfig) -> Decision:
+    """Under the promotion lock: decide again on fresh state, move the alias, confirm where it points.
+
+    Raises `jobs.registry.LockTimeout` (its message names --lock-timeout) when the lock cannot be had in time.
+    """
+    from jobs import registry
+
+    with registry.promotion_lock(config.model, timeout=config.lock_timeout) as lock:
+        decision = decide(config)  # the champion may have moved while we waited for the lock
+        if not decision.promote:
+            return decision
+        lock.check()
+        registry.set_alias(config.model, config.champion, decision.candidate, reason=decision.reason,
+                           metrics={k: v for k, v in decision.metrics.items() if v is not None})
+        decision.applied = True
+        now = registry.get_alias(config.model, config.champion)
+        if now is None or now.version != decision.candidate:
+            decision.warning = (
+                f"'{config.champion}' was set to version {decision.candidate} but now points at "
+                f"{now.version if now is not None else 'nothing'}: another writer moved it without the "
+                f"promotion lock; check `fingerprint promote --model {config.model} --history`")
+            log.warning("%s: %s", config.model, decision.warning)
+        return decision
 
 
 def command() -> Command:

@@ -19,8 +19,26 @@ so promotion needs no run lookups), plus a readable description; the metrics are
 LoggedModel (`mlflow.log_metrics(..., model_id=...)`).
 
 MLflow keeps no history of alias moves, so `set_alias` records each one as a registered-model tag
-`fingerprint.alias_history.<seq>` holding JSON (alias, from/to version, reason, metrics, run ids, time, user);
-`alias_history` lists them in order. One tag per change keeps each value small and never rewrites old entries.
+`fingerprint.alias_history.<UTC yyyymmddThhmmss.ffffff>Z-<8 hex of a uuid4>` holding JSON (alias, from/to version,
+reason, metrics, run ids, time, user); `alias_history` lists them in order. One tag per change keeps each value
+small and never rewrites old entries. The key is made up by the writer alone (time-ordered, plus a random part),
+so two writers at once can never pick the same key and overwrite each other's entry: the earlier scheme numbered
+entries by reading the last number and adding one, and two concurrent promotions both wrote `000001`. Registries
+written by that scheme keep their `<seq>` keys (all digits); they are read back first, by number, before every
+time-stamped key, since they were written before the switch.
+
+Concurrency. MLflow has no transactions across calls and no compare-and-set: "read the champion, decide, move the
+alias" is several independent requests, and two promoters interleaving them both move the alias (the later one
+possibly to the worse version). `promotion_lock` is a lock kept in the registry itself, so it works with any
+store (a sqlite file shared by processes, or a tracking server shared by machines): the registered-model tag
+`fingerprint.promotion_lock` holds JSON {token, owner, expires}. Acquiring it is Fischer's mutual exclusion by
+write-then-verify: when the tag is absent or expired, write our unique token, wait `settle` seconds, read it
+back, and own the lock only if our token is still there (of several writers the last write wins, and every one
+of them reads the same winner back). This is safe as long as a contender's read-then-write takes less than
+`settle`; the holder also re-checks its token right before moving the alias (`PromotionLock.check`) and
+`fingerprint promote` re-reads the alias afterwards, so a violated assumption is reported, not silent. The lock
+expires after `ttl` seconds, so a promoter that died holding it blocks the others only until then (an expired lock
+is taken over the same way); it is released (the tag deleted, only while it still holds our token) in `finally`.
 """
 
 from __future__ import annotations
@@ -29,9 +47,16 @@ import getpass
 import hashlib
 import json
 import logging
+import os
+import random
 import shutil
+import socket
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +70,14 @@ from mlflow.tracking import MlflowClient
 log = logging.getLogger(__name__)
 
 HISTORY_TAG = "fingerprint.alias_history."
-"""Prefix of the registered-model tags that record alias changes; the suffix is a zero-padded sequence number."""
+"""Prefix of the registered-model tags that record alias changes; the suffix is `<UTC time>Z-<random hex>` (or, in
+registries written before, a zero-padded sequence number)."""
+LOCK_TAG = "fingerprint.promotion_lock"
+"""Registered-model tag holding the promotion lock: JSON {token, owner, expires (unix time)}."""
+LOCK_TTL_S = 60.0
+"""Seconds after which a promotion lock is stale and may be taken over (a promotion holds it for about a second)."""
+LOCK_SETTLE_S = 0.25
+"""Pause between writing the lock and reading it back; must exceed a contender's read-then-write time."""
 METRIC_TAG = "metric."
 """Prefix of the model-version tags that copy the detector's validation metrics (so promotion needs no run lookups)."""
 SPLIT_TAG = "split_sha256"
@@ -56,6 +88,10 @@ DETECTOR_ARTIFACT = "detector"
 
 class RegistryError(RuntimeError):
     """A registry request that cannot be served; the message says what exists and what to run."""
+
+
+class LockTimeout(RegistryError):
+    """The promotion lock stayed held by someone else for longer than we were willing to wait."""
 
 
 def split_digest(split: dict[str, list[str]] | None) -> str:
@@ -278,19 +314,35 @@ def download_detector(
     return mv, out
 
 
-def _history_tags(registered_model: str) -> list[tuple[str, str]]:
-    rm = MlflowClient().get_registered_model(registered_model)
-    return sorted((k, v) for k, v in (rm.tags or {}).items() if k.startswith(HISTORY_TAG))
+def history_key(now: datetime | None = None) -> str:
+    """A new, never-colliding alias-history tag key: UTC time to the microsecond, then 8 random hex digits."""
+    now = now or datetime.now(UTC)
+    return f"{HISTORY_TAG}{now.strftime('%Y%m%dT%H%M%S.%f')}Z-{uuid.uuid4().hex[:8]}"
+
+
+def _history_order(key: str) -> tuple[int, int, str]:
+    # Legacy `<seq>` keys (all digits) first, by number; then time-stamped keys, whose text sorts by time.
+    suffix = key[len(HISTORY_TAG):]
+    return (0, int(suffix), suffix) if suffix.isdigit() else (1, 0, suffix)
+
+
+def _history_tags(registered_model: str, client: MlflowClient | None = None) -> list[tuple[str, str]]:
+    rm = (client or MlflowClient()).get_registered_model(registered_model)
+    tags = [(k, v) for k, v in (rm.tags or {}).items() if k.startswith(HISTORY_TAG)]
+    return sorted(tags, key=lambda kv: _history_order(kv[0]))
 
 
 def alias_history(registered_model: str) -> list[dict[str, Any]]:
-    """Every recorded alias change of `registered_model`, oldest first."""
+    """Every recorded alias change of `registered_model`, oldest first; each carries its tag under `key`."""
     out = []
     for key, value in _history_tags(registered_model):
         try:
-            out.append(json.loads(value))
+            event = json.loads(value)
         except json.JSONDecodeError:
-            out.append({"unreadable": key, "raw": value})
+            event = {"unreadable": key, "raw": value}
+        if isinstance(event, dict):
+            event.setdefault("key", key)
+        out.append(event)
     return out
 
 
@@ -301,7 +353,8 @@ def set_alias(
 
     The alias moves first, in one registry call: whatever fails afterwards, the model keeps a valid alias
     (the old version until the call succeeds, the new one after). A failure to record the history is raised
-    so that it is noticed, but the move stands.
+    so that it is noticed, but the move stands. The history key never collides with a concurrent writer's; the
+    move itself is not guarded: callers that decide before moving hold `promotion_lock`.
     """
     client = MlflowClient()
     version = str(version)
@@ -320,9 +373,7 @@ def set_alias(
         "user": _user(),
     }
     try:
-        existing = _history_tags(registered_model)
-        seq = int(existing[-1][0][len(HISTORY_TAG):]) + 1 if existing else 1
-        client.set_registered_model_tag(registered_model, f"{HISTORY_TAG}{seq:06d}",
+        client.set_registered_model_tag(registered_model, history_key(),
                                         json.dumps(event, sort_keys=True, default=str))
     except Exception as e:
         raise RegistryError(
@@ -337,3 +388,116 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:  # no passwd entry in some containers
         return "unknown"
+
+
+def _read_lock(client: MlflowClient, registered_model: str) -> dict[str, Any] | None:
+    raw = (client.get_registered_model(registered_model).tags or {}).get(LOCK_TAG)
+    if raw is None:
+        return None
+    try:
+        held = json.loads(raw)
+        return held if isinstance(held, dict) else {"token": raw, "expires": 0.0}
+    except json.JSONDecodeError:  # garbage in the tag: treat as an expired lock, so it can be taken over
+        return {"token": raw, "owner": "unreadable", "expires": 0.0}
+
+
+def _describe_lock(held: dict[str, Any] | None, now: float) -> str:
+    if held is None:
+        return "free"
+    left = float(held.get("expires", 0.0)) - now
+    return f"held by {held.get('owner', '?')} ({'expired' if left <= 0 else f'expires in {left:.0f} s'})"
+
+
+class PromotionLock:
+    """A held promotion lock (from `promotion_lock`); `check` raises if it has been lost since."""
+
+    def __init__(self, client: MlflowClient, registered_model: str, token: str, owner: str, expires: float,
+                 waited_s: float, took_over: dict[str, Any] | None):
+        self.client, self.registered_model, self.token, self.owner = client, registered_model, token, owner
+        self.expires, self.waited_s, self.took_over = expires, waited_s, took_over
+
+    def held(self) -> bool:
+        """Whether the registry still holds our token, unexpired."""
+        held = _read_lock(self.client, self.registered_model)
+        return held is not None and held.get("token") == self.token and time.time() < float(held["expires"])
+
+    def check(self) -> None:
+        """Raise RegistryError unless we still hold the lock (call right before the guarded write)."""
+        if not self.held():
+            held = _read_lock(self.client, self.registered_model)
+            raise RegistryError(
+                f"{self.registered_model}: lost the promotion lock ({LOCK_TAG} is now "
+                f"{_describe_lock(held, time.time())}); nothing was changed, run the promotion again")
+
+    def release(self) -> None:
+        """Delete the lock tag, only while it still holds our token (a taken-over lock is someone else's)."""
+        held = _read_lock(self.client, self.registered_model)
+        if held is not None and held.get("token") == self.token:
+            self.client.delete_registered_model_tag(self.registered_model, LOCK_TAG)
+
+
+def acquire_promotion_lock(
+    registered_model: str,
+    *,
+    timeout: float = 30.0,
+    ttl: float = LOCK_TTL_S,
+    settle: float = LOCK_SETTLE_S,
+    poll: float = 0.1,
+    client: MlflowClient | None = None,
+) -> PromotionLock:
+    """Take the registry-held promotion lock of `registered_model` (see the module docstring), waiting at most
+    `timeout` seconds; LockTimeout names the holder when it cannot be had."""
+    client = client or MlflowClient()
+    token = uuid.uuid4().hex
+    owner = f"{_user()}@{socket.gethostname()}:{os.getpid()}"
+    start = time.monotonic()
+    deadline = start + max(0.0, timeout)
+    took_over: dict[str, Any] | None = None
+    held: dict[str, Any] | None = None
+    while True:
+        try:
+            t_read = time.monotonic()
+            held = _read_lock(client, registered_model)
+            now = time.time()
+            if held is None or float(held.get("expires", 0.0)) <= now:
+                # A read older than `settle` may no longer be true by the time our write lands: read again.
+                if time.monotonic() - t_read < settle / 2:
+                    value = {"token": token, "owner": owner, "expires": now + ttl}
+                    client.set_registered_model_tag(registered_model, LOCK_TAG, json.dumps(value, sort_keys=True))
+                    time.sleep(settle)
+                    mine = _read_lock(client, registered_model)
+                    if mine is not None and mine.get("token") == token:
+                        if held is not None:
+                            took_over = held
+                            log.warning("%s: took over an expired promotion lock (%s)", registered_model,
+                                        _describe_lock(held, now))
+                        return PromotionLock(client, registered_model, token, owner, float(value["expires"]),
+                                             time.monotonic() - start, took_over)
+                    held = mine
+        except MlflowException as e:  # e.g. sqlite "database is locked" under contention: try again
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise
+            log.debug("%s: promotion lock attempt failed (%s); retrying", registered_model, e)
+        if time.monotonic() >= deadline:
+            raise LockTimeout(
+                f"{registered_model}: could not take the promotion lock within {timeout:g} s (registered-model tag "
+                f"{LOCK_TAG} {_describe_lock(held, time.time())}); another `fingerprint promote` is running. Retry, "
+                f"or wait longer with --lock-timeout SECONDS (a stale lock expires {ttl:g} s after it was taken)")
+        time.sleep(poll * (0.5 + random.random()))
+
+
+@contextmanager
+def promotion_lock(registered_model: str, **kwargs: Any) -> Iterator[PromotionLock]:
+    """`with promotion_lock(model, timeout=30) as lock:` ... `lock.check()` right before the guarded write.
+
+    Released in `finally`, whatever happens inside; keyword arguments as in `acquire_promotion_lock`.
+    """
+    lock = acquire_promotion_lock(registered_model, **kwargs)
+    try:
+        yield lock
+    finally:
+        try:
+            lock.release()
+        except Exception as e:  # it expires anyway; never hide the body's own error behind this one
+            log.warning("%s: could not release the promotion lock (%s); it expires at %s", registered_model, e,
+                        time.strftime("%H:%M:%S", time.localtime(lock.expires)))

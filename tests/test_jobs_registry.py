@@ -161,3 +161,22 @@ def test_promote_config_names_flags():
         promote.main(promote.PromoteConfig(model="", min_improvement=-1, candidate="champion"))
     text = str(e.value)
     assert "--model" in text and "--min-improvement" in text and "--candidate" in text
+
+
+def test_history_keys_never_collide_and_old_numbered_keys_come_first(store, detectors):
+    from mlflow.tracking import MlflowClient
+
+    v1 = register(detectors["pixel_ncc"])
+    # a registry written by the old read-then-increment scheme
+    for seq, to in ((2, "old-b"), (1, "old-a"), (10, "old-c")):
+        MlflowClient().set_registered_model_tag("fp", f"{registry.HISTORY_TAG}{seq:06d}",
+                                                json.dumps({"alias": "champion", "to_version": to}))
+    registry.set_alias("fp", "champion", v1, reason="new", metrics={})
+    registry.set_alias("fp", "challenger", v1, reason="new", metrics={})
+    events = registry.alias_history("fp")
+    assert [e["to_version"] for e in events] == ["old-a", "old-b", "old-c", v1, v1]
+    assert [e["alias"] for e in events[3:]] == ["champion", "challenger"]
+    keys = [e["key"] for e in events]
+    assert len(set(keys)) == 5 and all(k.startswith(registry.HISTORY_TAG) for k in keys)
+    assert registry.history_key() != registry.history_key()
+    assert sorted(registry.history_key() for _ in range(3))[0] < registry.history_key()  # time-ordered text

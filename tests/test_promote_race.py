@@ -1,0 +1,230 @@
+"""Concurrent `fingerprint promote` on one real sqlite MLflow registry (no mocks): threads with their own clients
+and separate processes race to promote versions of different val_auc on the same locked split. Every race must end
+with the best version as champion, one recorded promotion per improvement, no lost or shared history entry.
+The lock itself: an expired one is taken over, a held one makes a promoter wait and then decide on fresh state.
+
+Only bounded waits (join/subprocess timeouts) guard against hangs; nothing asserts how long anything took."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fingerprint.data.imagesets import load_fit_data
+from fingerprint.detectors import PRESETS, fit_detector
+from jobs import promote, registry
+
+ROOT = Path(__file__).resolve().parents[1]
+JOIN_S = 120.0
+"""Bound on any wait for a promoter (only to turn a hang into a failure)."""
+
+
+@pytest.fixture(scope="module")
+def base(sample_bench, tmp_path_factory):
+    """A sqlite store with one real logged detector version; races register versions that share its model."""
+    out = tmp_path_factory.mktemp("race")
+    kind, settings = PRESETS["pixel_ncc"]
+    det = fit_detector(kind, settings, load_fit_data(sample_bench, 0.25, 0))
+    det.meta.extra["name"] = "pixel_ncc"
+    folder = det.save(out / "pixel_ncc")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("race-test")
+    with mlflow.start_run():
+        mv = registry.log_detector(folder, "fp-base")
+    yield uri, mv
+    mlflow.set_tracking_uri(None)
+
+
+def make_model(uri: str, mv, name: str, aucs: list[float]) -> list[str]:
+    """A registered model whose versions carry `aucs` as val_auc, all on the base version's split."""
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    client.create_registered_model(name)
+    versions = []
+    for auc in aucs:
+        tags = {k: v for k, v in mv.tags.items() if not k.startswith(registry.METRIC_TAG)}
+        tags[f"{registry.METRIC_TAG}val_auc"] = repr(auc)
+        versions.append(str(client.create_model_version(name, mv.source, run_id=mv.run_id, tags=tags).version))
+    return versions
+
+
+def auc_of(name: str, version: str) -> float:
+    return registry.version_metrics(registry.get_version(name, version))["val_auc"]
+
+
+def check_race(name: str, versions: list[str], applied: list[tuple[str | None, str]], n_setup: int) -> None:
+    """The invariants every race must keep, from the registry's own record."""
+    best = max(versions, key=lambda v: auc_of(name, v))
+    assert registry.get_alias(name, "champion").version == best
+    raw = [k for k in MlflowClient().get_registered_model(name).tags if k.startswith(registry.HISTORY_TAG)]
+    events = registry.alias_history(name)
+    keys = [e["key"] for e in events]
+    assert len(keys) == len(set(keys)) == len(raw)
+    moves = [e for e in events if e["alias"] == "champion"][n_setup:]
+    # no history entry lost, none invented: one per alias move the promoters report
+    assert len(moves) == len(applied), (moves, applied)
+    assert sorted(((e["from_version"], e["to_version"]) for e in moves), key=str) == sorted(applied, key=str)
+    # the moves form one chain of strict improvements, ending at the best version
+    previous = moves[0]["from_version"]
+    for e in moves:
+        assert e["from_version"] == previous
+        if previous is not None:
+            assert auc_of(name, e["to_version"]) > auc_of(name, previous)
+        previous = e["to_version"]
+    assert previous == best
+    assert len({e["to_version"] for e in moves}) == len(moves)
+    assert registry.LOCK_TAG not in MlflowClient().get_registered_model(name).tags
+
+
+def setup_race(uri: str, mv, name: str, seed: int, n: int) -> tuple[list[str], int]:
+    rng = random.Random(seed)
+    aucs = rng.sample([0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9], n + 1)
+    versions = make_model(uri, mv, name, aucs)
+    # half of the races start from an existing (worst) champion, the other half from none
+    n_setup = 0
+    if seed % 2:
+        worst = min(versions, key=lambda v: auc_of(name, v))
+        registry.set_alias(name, "champion", worst, reason="setup", metrics={})
+        n_setup = 1
+    candidates = [v for v in versions if not (n_setup and v == worst)]
+    rng.shuffle(candidates)
+    return candidates, n_setup
+
+
+def promote_in_thread(name: str, version: str, uri: str, barrier: threading.Barrier, results: dict) -> None:
+    """One promoter: waits for the others, then runs `fingerprint promote` (its registry calls make their own
+    MlflowClient), keeping the decision or the error."""
+    try:
+        barrier.wait(timeout=JOIN_S)
+        results[version] = promote.main(promote.PromoteConfig(
+            model=name, candidate=version, tracking_uri=uri, lock_timeout=JOIN_S))
+    except BaseException as e:  # reported by the test
+        results[version] = e
+
+
+def test_threads_race_to_promote(base):
+    uri, mv = base
+    n_races, n = 9, 4
+    for race in range(n_races):
+        name = f"fp-thread-{race}"
+        candidates, n_setup = setup_race(uri, mv, name, race, n)
+        barrier = threading.Barrier(len(candidates))
+        results: dict[str, promote.Decision | BaseException] = {}
+        threads = [threading.Thread(target=promote_in_thread, args=(name, v, uri, barrier, results))
+                   for v in candidates]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(JOIN_S)
+        assert not any(t.is_alive() for t in threads), f"race {race}: a promoter hung"
+        errors = {v: r for v, r in results.items() if isinstance(r, BaseException)}
+        assert not errors, f"race {race}: {errors}"
+        assert not any(r.warning for r in results.values())
+        applied = [(r.champion, r.candidate) for r in results.values() if r.applied]
+        check_race(name, candidates, applied, n_setup)
+
+
+def test_processes_race_to_promote(base):
+    uri, mv = base
+    for race in range(1):  # a process costs an MLflow import: one race of three keeps the suite short
+        name = f"fp-process-{race}"
+        candidates, n_setup = setup_race(uri, mv, name, 100 + race, 3)
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "jobs.promote", "--model", name, "--candidate", v, "--tracking-uri", uri,
+             "--lock-timeout", str(JOIN_S)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for v in candidates]
+        outs = []
+        for p in procs:
+            try:
+                out, err = p.communicate(timeout=JOIN_S)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                pytest.fail(f"race {race}: a promoter process hung")
+            assert p.returncode == 0, err
+            assert "WARNING" not in out
+            outs.append(out)
+        applied = []
+        for out in outs:
+            for line in out.splitlines():
+                if "'champion' -> version" in line:
+                    to = line.split("-> version ")[1].split()[0]
+                    was = line.split("(was ")[1].rstrip(")") if "(was " in line else None
+                    applied.append((was, to))
+        check_race(name, candidates, applied, n_setup)
+
+
+def test_expired_lock_is_taken_over(base):
+    uri, mv = base
+    versions = make_model(uri, mv, "fp-stale", [0.6, 0.8])
+    registry.set_alias("fp-stale", "champion", versions[0], reason="setup", metrics={})
+    dead = {"token": "dead", "owner": "crashed@host:1", "expires": time.time() - 1}
+    MlflowClient().set_registered_model_tag("fp-stale", registry.LOCK_TAG, json.dumps(dead))
+    lock = registry.acquire_promotion_lock("fp-stale", timeout=10)
+    assert lock.took_over["token"] == "dead" and lock.held()
+    lock.release()
+    assert registry.LOCK_TAG not in MlflowClient().get_registered_model("fp-stale").tags
+
+    MlflowClient().set_registered_model_tag("fp-stale", registry.LOCK_TAG, json.dumps(dead))
+    d = promote.main(promote.PromoteConfig(model="fp-stale", candidate=versions[1], tracking_uri=uri,
+                                           lock_timeout=10))
+    assert d.applied and registry.get_alias("fp-stale", "champion").version == versions[1]
+    assert registry.LOCK_TAG not in MlflowClient().get_registered_model("fp-stale").tags
+
+
+def test_held_lock_waits_then_decides_on_fresh_state(base):
+    uri, mv = base
+    low, mid, high = make_model(uri, mv, "fp-held", [0.6, 0.7, 0.9])
+    registry.set_alias("fp-held", "champion", low, reason="setup", metrics={})
+    cfg = dict(model="fp-held", tracking_uri=uri)
+    # mid beats the champion as things stand: without the lock it would be promoted at once
+    assert promote.decide(promote.PromoteConfig(**cfg, candidate=mid)).promote
+    done = threading.Event()
+    result: list = []
+
+    def second() -> None:
+        try:
+            result.append(promote.main(promote.PromoteConfig(**cfg, candidate=mid, lock_timeout=JOIN_S)))
+        except BaseException as e:
+            result.append(e)
+        done.set()
+
+    with registry.promotion_lock("fp-held", timeout=10) as lock:
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        done.wait(1.0)  # give it the chance to run; it must be blocked on the lock, however long this takes
+        assert not done.is_set() and result == []
+        # meanwhile the lock holder promotes the best version
+        lock.check()
+        registry.set_alias("fp-held", "champion", high, reason="holder", metrics={})
+    waiter.join(JOIN_S)
+    assert done.is_set(), "the waiting promoter hung"
+    (d,) = result
+    assert isinstance(d, promote.Decision), d
+    assert not d.applied and d.reason.startswith("refused") and d.champion == high
+    assert registry.get_alias("fp-held", "champion").version == high
+    assert [e["to_version"] for e in registry.alias_history("fp-held")] == [low, high]
+
+
+def test_lock_timeout_refuses_and_names_the_flag(base):
+    uri, mv = base
+    low, high = make_model(uri, mv, "fp-busy", [0.6, 0.9])
+    registry.set_alias("fp-busy", "champion", low, reason="setup", metrics={})
+    with registry.promotion_lock("fp-busy", timeout=10):
+        with pytest.raises(registry.LockTimeout, match="--lock-timeout"):
+            promote.main(promote.PromoteConfig(model="fp-busy", candidate=high, tracking_uri=uri, lock_timeout=0.5))
+    assert registry.get_alias("fp-busy", "champion").version == low
+    cli = subprocess.run([sys.executable, "-m", "jobs.promote", "--model", "fp-busy", "--candidate", high,
+                          "--tracking-uri", uri, "--lock-timeout", "-1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=JOIN_S)
+    assert cli.returncode == 2 and "--lock-timeout" in cli.stderr
