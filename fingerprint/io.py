@@ -64,6 +64,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        # mkdtemp creates 0700 folders; give the result the permissions a plain mkdir() would have.
+        os.chmod(tmp, 0o777 & ~current_umask())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -75,6 +77,41 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: there is no read-only call)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def remove_stale_temps(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """Clean up after atomic writes that were killed half-way in `folder` (not below it): remove every
+    ``.<name>.*`` entry that :func:`atomic_dir` or :func:`write_bytes_atomic` makes for the given names (e.g.
+    ``.checkpoint.k2j4x_9a``, ``.config.json.3bq0.tmp``); return what was removed.
+
+    A folder ``<name>`` that is missing while ``.<name>.old`` exists was caught between atomic_dir's two renames:
+    ``.<name>.old`` is the complete previous version, so it is put back instead of removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    names = list(names)
+    for name in names:
+        old = folder / f".{name}.old"
+        if old.is_dir() and not old.is_symlink() and not os.path.lexists(folder / name):
+            os.replace(old, folder / name)
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        if not any(entry.name.startswith(f".{name}.") for name in names):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed.append(entry)
+    return removed
 
 
 def read_csv(path: str | Path, required: Sequence[str]) -> list[dict[str, str]]:

@@ -39,7 +39,7 @@ def _lazy(module: str, config: str) -> Callable[[], Command]:
 
 BUILTIN: dict[str, Callable[[], Command]] = {
     "fit": _lazy("fingerprint.commands.fit", "FitConfig"),
-    "train": _lazy("fingerprint.commands.train", "TrainConfig"),
+    "train": _lazy("fingerprint.commands.train", "TrainRunConfig"),
     "predict": _lazy("fingerprint.commands.predict", "PredictConfig"),
     "evaluate": _lazy("fingerprint.commands.evaluate", "EvaluateConfig"),
     "sample-data": _lazy("fingerprint.commands.sample_data", "SampleDataConfig"),
@@ -96,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(cmd: Command, args: argparse.Namespace, label: str) -> int:
-    """Run a parsed command: 0 on success, 2 with a one-line message for expected, explained failures."""
+    """Run a parsed command: 0 on success, 2 with a one-line message for expected, explained failures, 130 with
+    one line when interrupted (Ctrl-C)."""
     try:
         cmd.main(from_args(cmd.config, args))
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
@@ -104,6 +105,11 @@ def run(cmd: Command, args: argparse.Namespace, label: str) -> int:
         logging.getLogger("fingerprint").debug("details", exc_info=True)
         print(f"{label}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        # Ctrl-C is the user's choice, not a failure to explain: one line (with what the command kept, if it says),
+        # no traceback, and the shell's exit code for SIGINT.
+        print(f"{label}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
+        return 130
     return 0
 
 
