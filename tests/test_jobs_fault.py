@@ -19,6 +19,9 @@ from ray_fixtures import ray_cluster  # noqa: F401  (fixture)
 
 from jobs.train_ray import RayTrainConfig, load_state, resolved, run_training
 
+HANG_S = 900
+"""Seconds after which a wait is taken for a hang (never a speed check)."""
+
 EPOCHS = 5
 
 
@@ -42,16 +45,18 @@ def test_losing_a_worker_node_resumes_from_the_last_checkpoint(ray_cluster, samp
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
     first = Path(cfg.storage_path) / cfg.run_name / "epoch_0000"
-    deadline = time.monotonic() + 240
+    # A hang guard, not a speed goal: generous enough for a machine busy with other work.
+    deadline = time.monotonic() + HANG_S
     while not (first / "training_state.pt").exists():
         assert thread.is_alive(), f"training ended before the first checkpoint: {outcome}"
-        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        if time.monotonic() > deadline:
+            pytest.fail(f"no checkpoint after {HANG_S} s: the run hangs")
         time.sleep(0.2)
     time.sleep(1.0)  # let the checkpoint registration finish
     worker_nodes = [n for n in ray_cluster.list_all_nodes() if n is not ray_cluster.head_node]
     ray_cluster.remove_node(worker_nodes[-1])
 
-    thread.join(timeout=360)
+    thread.join(timeout=HANG_S)
     assert not thread.is_alive(), "training did not finish within 6 minutes of losing a node"
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]

@@ -140,7 +140,7 @@ def test_mlflow_models_serve_scores_over_http(store, detector_dir, queries, tmp_
              "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a hang guard, not a speed goal
         while True:
             assert proc.poll() is None, f"mlflow models serve exited: {(tmp_path / 'serve.log').read_text()[-2000:]}"
             try:
@@ -149,7 +149,8 @@ def test_mlflow_models_serve_scores_over_http(store, detector_dir, queries, tmp_
                         break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
-            assert time.monotonic() < deadline, f"not up in 120 s: {(tmp_path / 'serve.log').read_text()[-2000:]}"
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow models serve hangs: {(tmp_path / 'serve.log').read_text()[-2000:]}")
             time.sleep(0.5)
         body = json.dumps({"dataframe_split": frame(ids, files).to_dict(orient="split")}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
