@@ -70,6 +70,8 @@ class Prediction:
     gallery_ids: list[str]
     images: list[Image.Image]
     detector: Detector
+    generated: dict[str, fpdata.ImageItem]
+    """The --data folder's generated images by id: the evidence picture reads the neighbours it shows from them."""
 
     @property
     def decisions(self) -> np.ndarray:
@@ -98,10 +100,11 @@ def predict_folder(det: Detector, data: str | Path, threshold: float | None = No
     t = det.threshold if threshold is None else float(threshold)
     log.info("scoring %d real images with %s (%s) against %d generated, threshold %.4f", len(ids), det.name,
              det.kind, len(det.gallery_ids), t)
-    return Prediction(ids, det.score(images, ids), t, det.gallery_ids, images, det)
+    return Prediction(ids, det.score(images, ids), t, det.gallery_ids, images, det,
+                      {it.id: it for it in items.generated})
 
 
-def write_prediction(pred: Prediction, out: Path, data: str | Path, evidence: int = 8) -> list[Path]:
+def write_prediction(pred: Prediction, out: Path, evidence: int = 8) -> list[Path]:
     s = pred.scores
     dec = pred.decisions
     written = [write_csv_atomic(out / "submission.csv", zip(pred.ids, dec.tolist(), strict=True))]
@@ -123,7 +126,7 @@ def write_prediction(pred: Prediction, out: Path, data: str | Path, evidence: in
         # Only the neighbours shown are read back from disk: the gallery may be far larger than the picture.
         top = np.argsort(-s.score, kind="stable")[:evidence]
         rows_needed = sorted({int(j) for n in top for j in s.nearest[n][:4]})
-        items = {it.id: it for it in benchmark_items(data, skip_bad=True).generated}
+        items = pred.generated
         found = [j for j in rows_needed if pred.gallery_ids[j] in items]
         images = fpdata.load_images([items[pred.gallery_ids[j]] for j in found], skip_bad=True)[0]
         gallery = dict(zip(found, images, strict=False))
@@ -147,7 +150,7 @@ def main(config: PredictConfig) -> Path:
     _check_writable(out)
     det = load_detector(resolve_detector(config.model))
     pred = predict_folder(det, config.data, config.threshold, config.skip_bad)
-    write_prediction(pred, out, config.data, config.evidence)
+    write_prediction(pred, out, config.evidence)
     log.info("wrote %s (%d lines, %d predicted used)", out / "submission.csv", len(pred.ids),
              int(pred.decisions.sum()))
     return out / "submission.csv"

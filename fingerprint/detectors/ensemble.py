@@ -90,20 +90,21 @@ class RankEnsemble(Detector):
         self.reference_scores = [np.sort(row) for row in self.pool_scores]
         self._update_signal()
 
-    def member_ranks(self, images: Sequence[Image.Image], ids: Sequence[str] | None) -> tuple[np.ndarray, Scores]:
-        """(members, N) ranks and the first member's scores (its evidence)."""
-        out, first = [], None
+    def member_ranks(self, images: Sequence[Image.Image], ids: Sequence[str] | None
+                     ) -> tuple[np.ndarray, list[Scores]]:
+        """(members, N) ranks and every member's scores (their evidence)."""
+        out, scores = [], []
         rows = self.self_rows(ids, len(images))
         own = rows >= 0
         for i, (m, ref) in enumerate(zip(self.members, self.reference_scores, strict=True)):
             s = m.score(images, ids)
-            first = s if first is None else first
+            scores.append(s)
             values = s.score.copy()
             # A pool image takes the very score its rank was computed from: a recomputed one may differ in the
             # last bits (another batch) and, tied with itself, move half a rank.
             values[own] = self.pool_scores[i, rows[own]]
             out.append(_mid_rank(ref, values))
-        return np.array(out), first
+        return np.array(out), scores
 
     def _update_signal(self) -> None:
         # An average with a distribution-level member inherits its caveat.
@@ -111,10 +112,9 @@ class RankEnsemble(Detector):
         self.meta.signal = "distribution" if any(m.signal == "distribution" for m in chosen) else "per_image"
 
     def score(self, images: Sequence[Image.Image], ids: Sequence[str] | None = None) -> Scores:
-        ranks, first = self.member_ranks(images, ids)
+        ranks, scores = self.member_ranks(images, ids)
         # Evidence comes from the first chosen member: its neighbours, in its own feature space.
-        lead = self.chosen[0]
-        ev = first if lead == 0 else self.members[lead].score(images, ids)
+        ev = scores[self.chosen[0]]
         return Scores(ranks[list(self.chosen)].mean(axis=0), ev.nearest, ev.nearest_similarity,
                       ev.generated_similarity)
 
