@@ -26,6 +26,7 @@ from fingerprint.data.imagesets import load_fit_data
 from fingerprint.detectors import PRESETS, fit_detector, load_detector
 from jobs import registry
 from jobs.pyfunc import OUTPUT_COLUMNS
+from jobs.tracking import setup_experiment
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def store(tmp_path_factory, detector_dir):
     root = tmp_path_factory.mktemp("pyfunc-store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("pyfunc-test")
+    # Artifacts beside the sqlite file, not in ./mlruns of the working folder.
+    mlflow.set_experiment(experiment_id=setup_experiment(uri, "pyfunc-test"))
     with mlflow.start_run():
         mv = registry.log_detector(detector_dir, "fp")
     yield uri, mv

@@ -14,6 +14,7 @@ from fingerprint.config import ConfigError
 from fingerprint.data.imagesets import load_fit_data
 from fingerprint.detectors import PRESETS, fit_detector, load_detector
 from jobs import promote, registry
+from jobs.tracking import setup_experiment
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def detectors(sample_bench, tmp_path_factory) -> dict[str, Path]:
 def store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("registry-test")
+    # Artifacts beside the sqlite file, not in ./mlruns of the working folder.
+    mlflow.set_experiment(experiment_id=setup_experiment(uri, "registry-test"))
     yield uri
     mlflow.set_tracking_uri(None)
 

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from fingerprint.data.imagesets import load_fit_data
 from fingerprint.detectors import PRESETS, fit_detector
 from jobs import promote, registry
+from jobs.tracking import setup_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 JOIN_S = 120.0
@@ -38,7 +39,8 @@ def base(sample_bench, tmp_path_factory):
     folder = det.save(out / "pixel_ncc")
     uri = f"sqlite:///{out / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("race-test")
+    # Artifacts beside the sqlite file, not in ./mlruns of the working folder.
+    mlflow.set_experiment(experiment_id=setup_experiment(uri, "race-test"))
     with mlflow.start_run():
         mv = registry.log_detector(folder, "fp-base")
     yield uri, mv

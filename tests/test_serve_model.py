@@ -206,12 +206,14 @@ def test_registry_source(detectors, tmp_path):
     """`registered_model` + `alias`: the alias is resolved to a version, the detector downloaded and loaded."""
     mlflow = pytest.importorskip("mlflow")
     from jobs.registry import log_detector, set_alias
+    from jobs.tracking import setup_experiment
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        mlflow.set_experiment("serve-model-test")
+        # Artifacts beside the sqlite file, not in ./mlruns of the working folder.
+        mlflow.set_experiment(experiment_id=setup_experiment(uri, "serve-model-test"))
         with mlflow.start_run():
             mv = log_detector(detectors["pixel"], "fp-serve-model")
         set_alias("fp-serve-model", "champion", mv.version, reason="test", metrics={})
