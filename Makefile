@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install demo test lint bench clean
+.PHONY: install chromium demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,7 +18,13 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/fingerprint demo
 
-test: install
+# The browser tests drive Debian's Chromium (Playwright's own browser download needs a CDN we cannot reach).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  (command -v sudo >/dev/null && sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: the browser tests will skip (apt-get install chromium)"
+
+test: install chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra
 
