@@ -3,7 +3,6 @@
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export RAY_AUTH_MODE ?= disabled
 
 .PHONY: install chromium demo test lint bench clean
 

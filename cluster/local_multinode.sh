@@ -37,8 +37,11 @@ RAYTMP="$(mktemp -d /tmp/fpmn.XXXXXX)"
 
 # Two cores are shared by the nodes, their workers and the driver: one torch thread per process.
 export OMP_NUM_THREADS=1
-# Loopback only, so no Ray token; also keeps Ray from picking up a token another local cluster left in ~/.ray.
-export RAY_AUTH_MODE=disabled
+# Ray's gRPC servers listen on every interface whatever address they are given, so the nodes run with token
+# auth: a fresh token for this run only (never one another local cluster left in ~/.ray).
+export RAY_AUTH_MODE=token
+RAY_AUTH_TOKEN="$("$PYTHON" -c 'import secrets; print(secrets.token_hex(32))')"
+export RAY_AUTH_TOKEN
 # Ray's usage-stats prompt and upload: nothing may leave this machine.
 export RAY_USAGE_STATS_ENABLED=0
 # On SIGTERM a node first waits for its work to drain (30 s by default); when this script stops the nodes the
@@ -112,8 +115,8 @@ node_ports() {
 }
 # A small object store per node: the sweep passes checkpoints through storage, not the object store.
 # No --node-ip-address: Ray replaces a loopback address with the host's own (resolve_ip_for_localhost) and binds
-# its gRPC servers on every interface whatever it is given. What stays local is what this script adds: no
-# dashboard (no job API), RAY_ADDRESS on 127.0.0.1, ports picked free here, no token shared with anything.
+# its gRPC servers on every interface whatever it is given. What keeps it closed is the token (above); this
+# script also runs no dashboard (no job API), sets RAY_ADDRESS on 127.0.0.1 and picks its ports free here.
 COMMON=(--object-store-memory=200000000 --disable-usage-stats --block)
 
 export RAY_ADDRESS="127.0.0.1:$GCS_PORT"

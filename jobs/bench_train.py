@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 from fingerprint.commands.cli import Command
 from fingerprint.config import flag, to_dict, validate
-from jobs.train_ray import RayTrainConfig, build_trainer, init_ray, load_state, resolved
+from jobs.ray_session import init_ray
+from jobs.train_ray import RayTrainConfig, build_trainer, load_state, resolved
 
 log = logging.getLogger(__name__)
 

@@ -293,7 +293,7 @@ def job_for(config: Any) -> FitJob:
 
 def main(config: FitRayConfig) -> list[dict[str, Any]]:
     """Fit every requested detector as a parallel Ray task, track and register each, mark the best challenger."""
-    from jobs.train_ray import init_ray
+    from jobs.ray_session import init_ray
 
     validate(config)
     job = job_for(config)

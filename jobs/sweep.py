@@ -38,12 +38,12 @@ from typing import Any
 from fingerprint.commands.cli import Command
 from fingerprint.config import flag, from_dict, to_dict, validate
 from fingerprint.features.backbones import weights_file
+from jobs.ray_session import init_ray
 from jobs.train_ray import (
     BOOKKEEPING,
     NONE,
     REGISTERED_TAG,
     RayTrainConfig,
-    init_ray,
     resolved,
     run_training,
     safe_name,

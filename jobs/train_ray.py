@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -49,6 +48,7 @@ import numpy as np
 
 from fingerprint.commands.cli import Command
 from fingerprint.config import TrainConfig, flag, from_dict, to_dict, validate
+from jobs.ray_session import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -245,20 +245,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- the driver
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster named by RAY_ADDRESS, or start an embedded local Ray (no dashboard)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        log.info("connecting to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
-        ray.init()
-    else:
-        # "local", not None: None would join any cluster that `ray start` left running on this machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
 def build_trainer(config: RayTrainConfig, mlflow_run_id: str | None = None, callbacks: Sequence[Any] = ()) -> Any:

@@ -135,8 +135,8 @@ def track(config: ZooRayConfig, record: dict[str, Any], folder: Path) -> str | N
 def main(config: ZooRayConfig) -> list[dict[str, Any]]:
     """Build the suite's entries as Ray tasks (existing ones are kept) and log each to MLflow."""
     from fingerprint.zoo.build import load_suite
+    from jobs.ray_session import init_ray
     from jobs.tracking import resolve_tracking_uri
-    from jobs.train_ray import init_ray
 
     validate(config)
     spec = str(Path(config.spec).resolve())

@@ -456,8 +456,9 @@ def serve_cells(config: BenchConfig, detector: Path, data: Path, images: list[Pa
     cells = []
     try:
         # With the dashboard: serve.deploy applies configs through Serve's REST API, as `serve deploy` does.
-        ctx = ray.init(address="local", num_cpus=cores, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=_free_port(), log_to_driver=False)
+        from jobs.ray_session import init_ray
+
+        ctx = init_ray(num_cpus=cores, dashboard=True, dashboard_port=_free_port(), log_to_driver=False)
         dashboard = f"http://{ctx.dashboard_url}"
         for mode, mbs in (("batched", config.max_batch_size), ("max_batch_size=1", 1)):
             cfg = load_config(
@@ -602,7 +603,6 @@ if __name__ == "__main__":
     from fingerprint.config import add_arguments, from_args
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     parser = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser, BenchConfig)

@@ -85,7 +85,10 @@ def dashboard_address(address: str | None = None) -> str:
 def _rest(method: str, address: str | None, body: dict[str, Any] | None = None, timeout_s: float = 30.0) -> Any:
     url = dashboard_address(address) + API_PATH
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    from jobs.ray_session import auth_headers
+
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **auth_headers()})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 (an http URL we build)
             text = resp.read().decode()

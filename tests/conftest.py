@@ -7,7 +7,11 @@ import pytest
 
 # Two cores are shared by torch, Ray and the test runner: one intra-op thread each avoids oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from jobs.ray_session import secure_local_auth  # noqa: E402  (after the thread setting, before any Ray starts)
+
+# Every Ray a test starts (embedded, multi-node Cluster, Serve) is closed by a per-session token, as in production.
+secure_local_auth()
 
 
 @pytest.fixture(scope="session")

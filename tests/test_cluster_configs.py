@@ -532,6 +532,32 @@ def test_required_secrets_are_documented() -> None:
         assert f"kubectl create secret generic {name}" in docs, f"README: say how to create the Secret {name}"
 
 
+def test_manifests_fail_closed() -> None:
+    """Every Ray object runs Ray's token auth; a Serve app listening beyond loopback cannot start without its
+    request token (the Secret is required, so a missing Secret stops the pod instead of serving openly)."""
+    for path, doc in manifests():
+        if doc["kind"] not in RAY_KINDS:
+            continue
+        spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
+        mode = (doc["spec"].get("authOptions") or spec.get("authOptions") or {}).get("mode")
+        assert mode == "token", f"{path}: {doc['kind']} without authOptions.mode: token"
+        for where, c in containers(doc):
+            for env in c.get("env", []):
+                assert not (env.get("name") == "RAY_AUTH_MODE" and env.get("value") != "token"), f"{path}: {where}"
+    for doc in of_kind("RayService"):
+        serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+        if serve_config["http_options"]["host"] in ("127.0.0.1", "localhost"):
+            continue
+        token_envs = {d["user_config"].get("auth_token_env", "FINGERPRINT_SERVE_TOKEN")
+                      for app in serve_config["applications"] for d in app["deployments"]}
+        for where, c in containers(doc):
+            refs = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in c.get("env", [])}
+            for name in token_envs:
+                assert refs.get(name), f"RayService {where}: Serve listens on the network but {name} is not set"
+                assert refs[name].get("optional") is False, (
+                    f"RayService {where}: the Secret behind {name} must be required (optional: false)")
+
+
 def test_compose_wires_ray_and_mlflow_through_environment_variables() -> None:
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
