@@ -1,14 +1,15 @@
-"""Concurrent `fingerprint promote` on one real sqlite MLflow registry (no mocks): threads with their own clients
-and separate processes race to promote versions of different val_auc on the same locked split. Every race must end
-with the best version as champion, one recorded promotion per improvement, no lost or shared history entry.
-The lock itself: an expired one is taken over, a held one makes a promoter wait and then decide on fresh state.
+"""Concurrent `fingerprint promote` on real MLflow registries (no mocks): a sqlite store and a real `mlflow server`
+process. Threads with their own clients and separate processes race to promote versions of different val_auc on
+the same locked split. Every race must end with the best version as champion, one recorded promotion per
+improvement, no lost or shared history entry (`jobs.promote_races` checks them; `python -m jobs.promote_races`
+runs 50 races for the figures). The lock itself: an expired one is taken over, a held one makes a promoter wait
+and then decide on fresh state.
 
 Only bounded waits (join/subprocess timeouts) guard against hangs; nothing asserts how long anything took."""
 
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from fingerprint.data.imagesets import load_fit_data
 from fingerprint.detectors import PRESETS, fit_detector
 from jobs import promote, registry
+from jobs import promote_races as races
 from jobs.tracking import setup_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,100 +49,35 @@ def base(sample_bench, tmp_path_factory):
     mlflow.set_tracking_uri(None)
 
 
-def make_model(uri: str, mv, name: str, aucs: list[float]) -> list[str]:
-    """A registered model whose versions carry `aucs` as val_auc, all on the base version's split."""
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    client.create_registered_model(name)
-    versions = []
-    for auc in aucs:
-        tags = {k: v for k, v in mv.tags.items() if not k.startswith(registry.METRIC_TAG)}
-        tags[f"{registry.METRIC_TAG}val_auc"] = repr(auc)
-        versions.append(str(client.create_model_version(name, mv.source, run_id=mv.run_id, tags=tags).version))
-    return versions
 
-
-def auc_of(name: str, version: str) -> float:
-    return registry.version_metrics(registry.get_version(name, version))["val_auc"]
-
-
-def check_race(name: str, versions: list[str], applied: list[tuple[str | None, str]], n_setup: int) -> None:
-    """The invariants every race must keep, from the registry's own record."""
-    best = max(versions, key=lambda v: auc_of(name, v))
-    assert registry.get_alias(name, "champion").version == best
-    raw = [k for k in MlflowClient().get_registered_model(name).tags if k.startswith(registry.HISTORY_TAG)]
-    events = registry.alias_history(name)
-    keys = [e["key"] for e in events]
-    assert len(keys) == len(set(keys)) == len(raw)
-    moves = [e for e in events if e["alias"] == "champion"][n_setup:]
-    # no history entry lost, none invented: one per alias move the promoters report
-    assert len(moves) == len(applied), (moves, applied)
-    assert sorted(((e["from_version"], e["to_version"]) for e in moves), key=str) == sorted(applied, key=str)
-    # the moves form one chain of strict improvements, ending at the best version
-    previous = moves[0]["from_version"]
-    for e in moves:
-        assert e["from_version"] == previous
-        if previous is not None:
-            assert auc_of(name, e["to_version"]) > auc_of(name, previous)
-        previous = e["to_version"]
-    assert previous == best
-    assert len({e["to_version"] for e in moves}) == len(moves)
-    assert registry.LOCK_TAG not in MlflowClient().get_registered_model(name).tags
-
-
-def setup_race(uri: str, mv, name: str, seed: int, n: int) -> tuple[list[str], int]:
-    rng = random.Random(seed)
-    aucs = rng.sample([0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9], n + 1)
-    versions = make_model(uri, mv, name, aucs)
-    # half of the races start from an existing (worst) champion, the other half from none
-    n_setup = 0
-    if seed % 2:
-        worst = min(versions, key=lambda v: auc_of(name, v))
-        registry.set_alias(name, "champion", worst, reason="setup", metrics={})
-        n_setup = 1
-    candidates = [v for v in versions if not (n_setup and v == worst)]
-    rng.shuffle(candidates)
-    return candidates, n_setup
-
-
-def promote_in_thread(name: str, version: str, uri: str, barrier: threading.Barrier, results: dict) -> None:
-    """One promoter: waits for the others, then runs `fingerprint promote` (its registry calls make their own
-    MlflowClient), keeping the decision or the error."""
-    try:
-        barrier.wait(timeout=JOIN_S)
-        results[version] = promote.main(promote.PromoteConfig(
-            model=name, candidate=version, tracking_uri=uri, lock_timeout=JOIN_S))
-    except BaseException as e:  # reported by the test
-        results[version] = e
+def check_race(uri: str, name: str, versions: list[str], applied: list[tuple[str | None, str]], n_setup: int):
+    problems = races.race_problems(uri, name, versions, applied, n_setup)
+    assert not problems, problems
 
 
 def test_threads_race_to_promote(base):
+    """Nine races of four promoter threads (each with its own MLflow client) on the sqlite store."""
     uri, mv = base
-    n_races, n = 9, 4
-    for race in range(n_races):
-        name = f"fp-thread-{race}"
-        candidates, n_setup = setup_race(uri, mv, name, race, n)
-        barrier = threading.Barrier(len(candidates))
-        results: dict[str, promote.Decision | BaseException] = {}
-        threads = [threading.Thread(target=promote_in_thread, args=(name, v, uri, barrier, results))
-                   for v in candidates]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(JOIN_S)
-        assert not any(t.is_alive() for t in threads), f"race {race}: a promoter hung"
-        errors = {v: r for v, r in results.items() if isinstance(r, BaseException)}
-        assert not errors, f"race {race}: {errors}"
-        assert not any(r.warning for r in results.values())
-        applied = [(r.champion, r.candidate) for r in results.values() if r.applied]
-        check_race(name, candidates, applied, n_setup)
+    result = races.run_races(uri, mv, "thread", races=9, promoters=4)
+    assert result["alias_moves"] >= 9  # every race moves the alias at least once
+    assert not result["promoter_errors"] and not result["problems"], result
+
+
+def test_races_against_a_real_mlflow_server(base, tmp_path):
+    """The same invariants through a real `mlflow server` process on 127.0.0.1 (HTTP, its own sqlite store)."""
+    with races.mlflow_server(tmp_path / "server") as server:
+        mv = races.base_version(server, tmp_path)
+        result = races.run_races(server, mv, "server", races=2, promoters=3)
+    mlflow.set_tracking_uri(base[0])
+    assert result["alias_moves"] >= 2
+    assert not result["promoter_errors"] and not result["problems"], result
 
 
 def test_processes_race_to_promote(base):
     uri, mv = base
     for race in range(1):  # a process costs an MLflow import: one race of three keeps the suite short
         name = f"fp-process-{race}"
-        candidates, n_setup = setup_race(uri, mv, name, 100 + race, 3)
+        candidates, n_setup = races.setup_race(uri, mv, name, 100 + race, 3)
         procs = [subprocess.Popen(
             [sys.executable, "-m", "jobs.promote", "--model", name, "--candidate", v, "--tracking-uri", uri,
              "--lock-timeout", str(JOIN_S)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -163,12 +100,12 @@ def test_processes_race_to_promote(base):
                     to = line.split("-> version ")[1].split()[0]
                     was = line.split("(was ")[1].rstrip(")") if "(was " in line else None
                     applied.append((was, to))
-        check_race(name, candidates, applied, n_setup)
+        check_race(uri, name, candidates, applied, n_setup)
 
 
 def test_expired_lock_is_taken_over(base):
     uri, mv = base
-    versions = make_model(uri, mv, "fp-stale", [0.6, 0.8])
+    versions = races.make_model(uri, mv, "fp-stale", [0.6, 0.8])
     registry.set_alias("fp-stale", "champion", versions[0], reason="setup", metrics={})
     dead = {"token": "dead", "owner": "crashed@host:1", "expires": time.time() - 1}
     MlflowClient().set_registered_model_tag("fp-stale", registry.LOCK_TAG, json.dumps(dead))
@@ -186,7 +123,7 @@ def test_expired_lock_is_taken_over(base):
 
 def test_held_lock_waits_then_decides_on_fresh_state(base):
     uri, mv = base
-    low, mid, high = make_model(uri, mv, "fp-held", [0.6, 0.7, 0.9])
+    low, mid, high = races.make_model(uri, mv, "fp-held", [0.6, 0.7, 0.9])
     registry.set_alias("fp-held", "champion", low, reason="setup", metrics={})
     cfg = dict(model="fp-held", tracking_uri=uri)
     # mid beats the champion as things stand: without the lock it would be promoted at once
@@ -220,7 +157,7 @@ def test_held_lock_waits_then_decides_on_fresh_state(base):
 
 def test_lock_timeout_refuses_and_names_the_flag(base):
     uri, mv = base
-    low, high = make_model(uri, mv, "fp-busy", [0.6, 0.9])
+    low, high = races.make_model(uri, mv, "fp-busy", [0.6, 0.9])
     registry.set_alias("fp-busy", "champion", low, reason="setup", metrics={})
     with registry.promotion_lock("fp-busy", timeout=10):
         with pytest.raises(registry.LockTimeout, match="--lock-timeout"):
