@@ -204,7 +204,24 @@ def test_unknown_kinds_and_bad_settings_name_the_problem(data: FitData) -> None:
             create_detector(name, settings)
 
 
-@pytest.mark.parametrize("name", ["pixel_ncc", "subspace_mass", "gradient_nn", "domain_clf", "ssim", "ab_rank"])
+def test_calibration_subtracts_the_nearest_real_images_of_other_patients(data: FitData) -> None:
+    """Brute force: the real side is the mean of the k best similarities to reference images of other groups."""
+    d = create_detector("calibrated", {"features": "pixel_ncc", "k": 3, "image_size": 32})
+    d.fit(data)
+    s = d.score(data.real, data.real_ids)
+    f = d.inner.features(data.real)
+    sim = f @ f.T  # NCC rows are unit vectors: cosine = dot product
+    groups = np.asarray(data.groups)
+    expected = [np.sort(sim[i][groups != groups[i]])[::-1][:3].mean() for i in range(len(f))]
+    np.testing.assert_allclose(s.real_similarity, expected, atol=1e-5)
+    np.testing.assert_allclose(s.score, s.generated_similarity - s.real_similarity, atol=1e-12)
+    # An image from outside the pool (no id) is compared with every reference image.
+    alone = d.score(data.real[:1]).real_similarity[0]
+    assert alone == pytest.approx(np.sort(sim[0])[::-1][:3].mean(), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["pixel_ncc", "subspace_mass", "gradient_nn", "domain_clf", "ssim", "ab_rank",
+                                  "gradient_cal"])
 def test_an_image_scores_the_same_alone_as_in_a_batch(name: str, data: FitData) -> None:
     kind_name, settings = PRESETS[name]
     d = create_detector(kind_name, {**settings, **({"image_size": 32} if "members" not in settings else {})})

@@ -22,6 +22,7 @@ from fingerprint.detectors.base import (
     load_detector,
     register,
 )
+from fingerprint.detectors.calibrated import CalibratedNN
 from fingerprint.detectors.domain import DomainClassifier
 from fingerprint.detectors.ensemble import RankEnsemble, SelectedEnsemble
 from fingerprint.detectors.neighbours import FeatureNN, GradientNN, PixelNN, SubspaceNN
@@ -34,6 +35,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "pixel_mass": ("pixel", {"metric": "l2", "k": 10}),
     "subspace_mass": ("subspace", {"k": 10, "variance": 0.95}),
     "gradient_nn": ("gradient", {"k": 10}),
+    "pixel_ncc_cal": ("calibrated", {"features": "pixel_ncc", "k": 1}),
+    "gradient_cal": ("calibrated", {"features": "gradient", "k": 10}),
     "domain_clf": ("domain", {}),
     "ssim": ("ssim", {}),
     "ab_rank": ("rank_ensemble", {"members": "gradient_nn,domain_clf"}),
@@ -45,5 +48,6 @@ Network kinds (frozen, triplet) are added per backbone by the caller, since they
 __all__ = [
     "PRESETS", "Detector", "DetectorMeta", "FitData", "Scores", "create_detector", "fit_detector", "finish_fit",
     "is_detector_dir", "kind", "kinds", "load_detector", "register", "FeatureNN", "PixelNN", "GradientNN",
-    "SubspaceNN", "DomainClassifier", "SSIMNN", "FrozenNN", "TripletNN", "RankEnsemble", "SelectedEnsemble",
+    "SubspaceNN", "CalibratedNN", "DomainClassifier", "SSIMNN", "FrozenNN", "TripletNN", "RankEnsemble",
+    "SelectedEnsemble",
 ]
