@@ -97,6 +97,21 @@ def test_outputs_and_leave_one_out(first) -> None:
     assert rows["m095"]["hindsight_best_test_auc"] > 0.8
 
 
+def test_benchmarks_sharing_a_split_are_held_out_together(benches, tmp_path) -> None:
+    """Two benchmarks drawn on the same split of real images (same split.json members) never choose for each
+    other: each is left out of the other's rest."""
+    suite_dir = _copy(benches[0], tmp_path / "suite")
+    for name in ("m000", "m050"):
+        (suite_dir / name / "split.json").write_text(json.dumps({"seed": 0, "members": ["a.png", "b.png"]}))
+    res = _run(suite_dir, tmp_path / "out")
+    rows = _rows(res)
+    assert rows["m000"]["held_out_with"] == ["m050"] and rows["m050"]["held_out_with"] == ["m000"]
+    assert rows["m095"]["held_out_with"] == []
+    assert rows["m000"]["chosen"] == choose(res["dev_auc"], ["m095"], "mean")[0]
+    assert rows["m095"]["chosen"] == choose(res["dev_auc"], ["m000", "m050"], "mean")[0]
+    assert "shares its split" in (tmp_path / "out" / "suite.md").read_text()
+
+
 def test_extra_submission(first, benches) -> None:
     out, res = first
     _, extra = benches

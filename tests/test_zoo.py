@@ -266,3 +266,6 @@ def test_shipped_suite_is_valid_and_spans_the_families():
     suite = load_suite(ROOT / "benchmarks/zoo/suite.yaml")
     assert len(suite.entries) >= 8
     assert {e.family for e in suite.entries} == {"dcgan", "vae", "diffusion", "ae_gmm"}
+    # Each entry draws its own split of the pool: benchmarks sharing one are not independent held-out tests.
+    seeds = [e.seed if e.seed is not None else suite.defaults.seed for e in suite.entries]
+    assert len(set(seeds)) == len(seeds), seeds

@@ -258,6 +258,17 @@ class Bench:
     def name(self) -> str:
         return self.path.name
 
+    @functools.cached_property
+    def split_key(self) -> str | None:
+        """Digest of the zoo's training set (``split.json`` members), None where unknown: benchmarks with the same
+        key share their real images' split, so one cannot be held out while choosing on the other."""
+        file = self.path / "split.json"
+        try:
+            members = json.loads(file.read_text()).get("members") if file.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            return None
+        return hashlib.sha256(json.dumps(sorted(map(str, members))).encode()).hexdigest()[:16] if members else None
+
 
 def zoo_info(path: str | Path) -> tuple[str, str, dict[str, Any]]:
     """(family, memorisation level, raw) from ``<path>/zoo.json``; ('unknown', '?', {}) without a usable one.
@@ -543,8 +554,13 @@ def report(config: SuiteConfig, benches: list[Bench], results: dict[str, dict[st
     dev = {b: {c: float(results[b][c]["dev"]["auc"][0]) for c in cands} for b in names}
     # The choices first, from dev-CV AUCs only; test labels are read below, for reporting.
     choices = {}
+    split = {b.name: b.split_key for b in benches}
+    shared: dict[str, list[str]] = {}
     for b in names:
-        rest = [o for o in names if o != b]
+        # Benchmarks drawn on the same split share any chance difference between its members and non-members:
+        # held out together, so the choice never rests on another copy of the same draw.
+        shared[b] = [o for o in names if o != b and split[b] is not None and split[o] == split[b]]
+        rest = [o for o in names if o != b and o not in shared[b]] or [o for o in names if o != b]
         choices[b] = {rule: choose(dev, rest, rule) for rule in RULES}
         choices[b]["baseline"] = choose(dev, rest, config.rule, baselines) if baselines else None
         choices[b]["own_dev"] = choose(dev, [b], "mean")
@@ -571,7 +587,7 @@ def report(config: SuiteConfig, benches: list[Bench], results: dict[str, dict[st
             "optimism": dev[b][pick] - t_auc[b][pick],
             "other_rule": other_rule, "other_rule_chosen": alt, "other_rule_test_auc": t_auc[b][alt],
             "test_n": test[b][pick]["n"], "test_groups": test[b][pick]["groups"],
-            "groups_from": test[b][pick]["groups_from"],
+            "groups_from": test[b][pick]["groups_from"], "held_out_with": shared[b],
         }
         if baselines:
             best_base = max(baselines, key=lambda c: (t_auc[b][c], -simplicity(c)))
@@ -710,6 +726,9 @@ def markdown(config: SuiteConfig, rep: dict[str, Any], extras: list[dict[str, An
         f"worst-case; values within {TIE:g} tie and go to the simpler candidate. Baselines: "
         + (", ".join(c["name"] for c in rep["candidates"] if c["baseline"]) or "none among the candidates")
         + "; margin = chosen test AUC - best baseline test AUC on B (the baseline picked in hindsight).",
+        *([""] + [f"- `{r['benchmark']}` shares its split of the real images (split.json) with "
+                  f"{', '.join(f'`{o}`' for o in r['held_out_with'])}: they are left out of its rest too, so its "
+                  "choice never rests on another copy of the same draw." for r in rows if r["held_out_with"]]),
         "",
         "## Leave one benchmark out",
         "",
