@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,17 @@ def test_token_file_is_used_when_given(monkeypatch, tmp_path):
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
     assert secure_local_auth() == "abc123"
     assert auth_headers() == {"Authorization": "Bearer abc123"}
+
+
+def test_a_fresh_process_importing_the_jobs_starts_a_closed_ray(tmp_path):
+    """Ray reads its auth mode at import: importing `jobs` (as every Ray command does first) must set token auth
+    before a jobs module imports ray, or the embedded Ray would refuse its own driver."""
+    code = ("import jobs.fit_ray, os, ray\n"
+            "from jobs.ray_session import init_ray\n"
+            "init_ray(num_cpus=1, log_to_driver=False)\n"
+            "print(os.environ['RAY_AUTH_MODE'], ray.get(ray.remote(lambda: 6 * 7).remote()))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env["HOME"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and r.stdout.split() == ["token", "42"], r.stdout + r.stderr[-2000:]
