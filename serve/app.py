@@ -17,8 +17,10 @@ serveConfigV2):
 
 The YAML was written by `serve build serve.app:app -o serve/config.yaml` (import_path: serve.app:app).
 
-API (OpenAPI at /docs): POST /v1/score (multipart `files`, base64 JSON, or a raw image body), GET /v1/model,
-GET /healthz. (/v1/embed is gone: only some kinds have a feature space, and an ensemble has several.)
+API (OpenAPI at /docs): POST /v1/score (multipart `files`, base64 JSON, or a raw image body; `?thumbnails=url|inline`
+adds the neighbours' pictures), GET /v1/thumbnails/{id}, GET /v1/model, probes GET /healthz, /readyz, /livez, and a
+page for people at GET /. serve/guard.py, in Ray's HTTP proxy, checks the token and reads bodies before a request
+reaches a replica. (/v1/embed is gone: only some kinds have a feature space, and an ensemble has several.)
 
 One deployment, not two. Every kind scores a batch in one `Detector.score(images, ids)` call: a feature map (a
 network forward for frozen/triplet, Sobel gradients, pixels, a projection) then an exact top-k against the saved
@@ -41,26 +43,33 @@ import collections
 import hmac
 import json
 import logging
-from typing import Any
+import urllib.parse
+from typing import Any, Literal
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from fingerprint.config import ConfigError
 from serve.config import ServeConfig, from_user_config
 from serve.model import InputError, ModelState, decode_image, item_id, load_state
+from serve.page import PAGE_HTML
 
 log = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_ONGOING_REQUESTS = 64
 """Per replica: several full batches can queue while one runs (must be >= max_batch_size to fill batches)."""
+DEFAULT_MAX_QUEUED_REQUESTS = 64
+"""Requests waiting for a replica slot (per proxy) before more are shed with 503 + Retry-After: overload is
+answered at once instead of piling up until every request times out."""
 
 # ---------------------------------------------------------------------------------------------------------
 # Request and response schemas (also what /docs shows)
@@ -89,6 +98,10 @@ class ModelRef(BaseModel):
 class Neighbour(BaseModel):
     id: str = Field(..., description="Id of a generated image of the detector's gallery.")
     similarity: float = Field(..., description="Its similarity in the detector's feature space (higher = closer).")
+    thumbnail: str | None = Field(None, description="With ?thumbnails=url: the route of its picture "
+                                                    "(/v1/thumbnails/<id>); with ?thumbnails=inline: the picture "
+                                                    "as a data: URL. Null when not asked for, or when the detector "
+                                                    "was saved without thumbnails.")
 
 
 class ScoreResult(BaseModel):
@@ -120,7 +133,7 @@ class ErrorBody(BaseModel):
     items: list[str] = Field(default_factory=list, description="The request items concerned.")
 
 
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 413, 415, 422, 503)}
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 408, 413, 415, 422, 503)}
 
 _IMAGE_BODY_SCHEMA = {
     "required": True,
@@ -145,6 +158,8 @@ api = FastAPI(
     description="Was this real image in the training set of the generator that made the gallery? "
                 "Scores real images with a saved membership detector (any kind: pixel, gradient, subspace, domain, "
                 "ssim, frozen or triplet features, ensembles) against the generated images it holds.",
+    # Served by the deployment itself, behind the same token as the API (FastAPI's own routes would be open).
+    docs_url=None, redoc_url=None, openapi_url=None,
 )
 
 
@@ -192,18 +207,53 @@ def _pydantic_problems(e: ValidationError) -> str:
     return "; ".join(out)
 
 
-async def read_images(request: Request, cfg: ServeConfig) -> list[tuple[str, bytes]]:
-    """(item name, encoded bytes) for each image of a multipart, JSON or raw-image request."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    limit = cfg.max_images_per_request * (cfg.max_image_bytes * 4 // 3 + 1024) + 65536
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused (413) as soon as it streams past `limit` bytes, chunked bodies included, and
+    (408) when it takes longer than `timeout_s`: a slow client holds this replica's slot only that long."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, "request_too_large",
                        f"request body of {length} bytes is over {limit} bytes (max_images_per_request x "
                        "max_image_bytes); send fewer or smaller images per request")
+    chunks: list[bytes] = []
+    size = 0
+
+    async def collect() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "request_too_large", f"request body over {limit} bytes (max_images_per_request "
+                               "x max_image_bytes); send fewer or smaller images per request")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), timeout_s)
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"the request body took over {timeout_s:g} s (body_timeout_s); "
+                       "send it in one go") from None
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the client went away before sending the whole body") from None
+    return b"".join(chunks)
+
+
+async def read_images(request: Request, cfg: ServeConfig) -> list[tuple[str, bytes]]:
+    """(item name, encoded bytes) for each image of a multipart, JSON or raw-image request."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limit = cfg.max_images_per_request * (cfg.max_image_bytes * 4 // 3 + 1024) + 65536
+    body = await read_body(request, limit, cfg.body_timeout_s)
     if ctype == "multipart/form-data":
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
         try:
-            form = await request.form(max_files=cfg.max_images_per_request + 1, max_fields=16)
+            form = await Request(request.scope, replay).form(max_files=cfg.max_images_per_request + 1, max_fields=16)
         except StarletteHTTPException as e:  # the multipart parser's own limits and format errors
             if "Too many files" in str(e.detail):
                 raise ApiError(413, "too_many_images", f"more than {cfg.max_images_per_request} images in one "
@@ -222,14 +272,16 @@ async def read_images(request: Request, cfg: ServeConfig) -> list[tuple[str, byt
         if not items:
             raise ApiError(400, "no_images", "the multipart form holds no files; send -F files=@image.png")
     else:
-        body = await request.body()
         if not body:
             raise ApiError(400, "empty_body", "empty request body; send images as multipart 'files', as JSON "
                            '{"images": [{"data": "<base64>"}]}, or one PNG/JPEG as the body')
         if ctype == "application/json":
             try:
                 payload = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except RecursionError:
+                raise ApiError(400, "malformed_json", "the JSON body is nested too deeply; send "
+                               '{"images": [{"id": ..., "data": "<base64>"}]}') from None
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, over-long integers
                 raise ApiError(400, "malformed_json", f"the body is not valid JSON ({e})") from e
             try:
                 parsed = ImagesJSON.model_validate(payload)
@@ -288,6 +340,38 @@ def _finite(values: dict[str, Any]) -> dict[str, Any]:
             for k, v in values.items()}
 
 
+def decode_all(raw: list[tuple[str, bytes]], cfg: ServeConfig) -> tuple[list[str], list[Image.Image]]:
+    """Decode every uploaded image (in a worker thread: decoding would block the event loop and the probes);
+    raises one ApiError naming every bad image."""
+    names, images, problems = [], [], []
+    for name, data in raw:
+        try:
+            images.append(decode_image(data, name, cfg.max_image_bytes, cfg.max_image_pixels, cfg.max_image_side,
+                                       cfg.max_aspect_ratio))
+            names.append(item_id(name))
+        except InputError as e:
+            problems.append(e)
+    if problems:
+        # Every bad item is named, not just the first, so the client can fix them all at once.
+        first = problems[0]
+        raise ApiError(first.status, first.code, "; ".join(str(p) for p in problems),
+                       [p.item for p in problems if p.item])
+    return names, images
+
+
+def add_thumbnails(results: list[dict[str, Any]], state: ModelState, how: str) -> None:
+    """Give each neighbour its picture: a route (`url`) or a data: URL (`inline`); null without thumbnails."""
+    thumbs = state.thumbnails
+    for result in results:
+        for n in result["nearest"]:
+            if thumbs is None or n["id"] not in thumbs:
+                n["thumbnail"] = None
+            elif how == "url":
+                n["thumbnail"] = f"/v1/thumbnails/{urllib.parse.quote(n['id'], safe='')}"
+            else:
+                n["thumbnail"] = "data:image/png;base64," + base64.b64encode(thumbs.png(n["id"]) or b"").decode()
+
+
 def _model_ref(state: ModelState) -> dict[str, Any]:
     return {"name": state.detector.name, "kind": state.kind, "version": state.version,
             "alias": state.info.get("alias")}
@@ -298,7 +382,8 @@ def _model_ref(state: ModelState) -> dict[str, Any]:
 # when it is decorated, so a module-level helper defined further down would be missing in the replica.
 
 
-@serve.deployment(max_ongoing_requests=DEFAULT_MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 1})
+@serve.deployment(max_ongoing_requests=DEFAULT_MAX_ONGOING_REQUESTS, max_queued_requests=DEFAULT_MAX_QUEUED_REQUESTS,
+                  ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class FingerprintService:
     """One replica: a model state (swapped whole on reload), a batched scorer, the HTTP routes."""
@@ -410,31 +495,40 @@ class FingerprintService:
     @api.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS,
               openapi_extra={"requestBody": _IMAGE_BODY_SCHEMA},
               summary="Membership score, decision and nearest generated images for each uploaded real image")
-    async def score(self, request: Request) -> dict[str, Any]:
-        self._check_auth(request)
+    async def score(self, request: Request, thumbnails: Literal["", "url", "inline"] = Query(
+            "", description="Pictures of the nearest generated images: 'url' (their /v1/thumbnails/<id> route) or "
+                            "'inline' (data: URLs in the answer); empty for none.")) -> dict[str, Any]:
+        self._check_auth(request)  # before the body is read
         state, cfg = self._ready()  # one snapshot for the whole request
         raw = await read_images(request, cfg)
-        names, images, problems = [], [], []
-        for name, data in raw:
-            try:
-                images.append(decode_image(data, name, cfg.max_image_bytes, cfg.max_image_pixels))
-                names.append(item_id(name))
-            except InputError as e:
-                problems.append(e)
-        if problems:
-            # Every bad item is named, not just the first, so the client can fix them all at once.
-            first = problems[0]
-            raise ApiError(first.status, first.code, "; ".join(str(p) for p in problems),
-                           [p.item for p in problems if p.item])
+        names, images = await asyncio.to_thread(decode_all, raw, cfg)
         results = await asyncio.gather(*(self._score_batch((state, im, n)) for im, n in zip(images, names,
                                                                                              strict=True)))
         failed = [(n, r) for n, r in zip(names, results, strict=True) if isinstance(r, Exception)]
         if failed:
             raise ApiError(500, "scoring_failed",
                            "; ".join(f"{n}: {type(r).__name__}: {r}" for n, r in failed), [n for n, _ in failed])
+        answers = [{"id": n, **r} for n, r in zip(names, results, strict=True)]
+        if thumbnails:
+            await asyncio.to_thread(add_thumbnails, answers, state, thumbnails)
         return {"model": _model_ref(state), "kind": state.kind, "threshold": state.threshold,
-                "signal": state.detector.meta.signal,
-                "results": [{"id": n, **r} for n, r in zip(names, results, strict=True)]}
+                "signal": state.detector.meta.signal, "results": answers}
+
+    @api.get("/v1/thumbnails/{image_id:path}", response_class=Response, responses={
+        200: {"content": {"image/png": {}}, "description": "The picture (8-bit gray PNG, longest side 64 px)."},
+        401: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+        summary="The thumbnail of a generated image of the gallery (an id from a score's `nearest`)")
+    async def thumbnail(self, request: Request, image_id: str) -> Response:
+        self._check_auth(request)
+        state, _ = self._ready()
+        thumbs = state.thumbnails
+        if thumbs is None:
+            raise ApiError(404, "no_thumbnails", "this detector was saved without gallery thumbnails "
+                           "(thumbs.safetensors); fit or save it again with this version to get them")
+        png = thumbs.png(image_id)
+        if png is None:
+            raise ApiError(404, "unknown_id", f"{image_id!r} is not an image of the served gallery", [image_id])
+        return Response(png, media_type="image/png", headers={"cache-control": "private, max-age=3600"})
 
     @api.get("/v1/model", summary="The served detector (kind, version, metrics, threshold), batch settings, stats")
     async def model_info(self, request: Request) -> dict[str, Any]:
@@ -455,7 +549,9 @@ class FingerprintService:
                          "batch_wait_timeout_s": self._score_batch._get_batch_wait_timeout_s(),
                          **self.stats.as_dict()},
             "limits": {"max_image_bytes": cfg.max_image_bytes, "max_image_pixels": cfg.max_image_pixels,
-                       "max_images_per_request": cfg.max_images_per_request},
+                       "max_image_side": cfg.max_image_side, "max_aspect_ratio": cfg.max_aspect_ratio,
+                       "max_images_per_request": cfg.max_images_per_request, "body_timeout_s": cfg.body_timeout_s},
+            "thumbnails": len(state.thumbnails) if state.thumbnails is not None else None,
             "auth": bool(self._token), "reload": cfg.reload, "reload_error": self._reload_error,
             "swaps": self._swaps[-10:], "replica": serve.get_replica_context().replica_tag,
             "torch_threads": torch.get_num_threads(),
@@ -467,11 +563,43 @@ class FingerprintService:
         self.stats.reset()
         return {"reset": True, "replica": serve.get_replica_context().replica_tag}
 
-    @api.get("/healthz", summary="200 when a detector is loaded and serving")
+    # -- probes, documentation, the page (no model details without the token) --------------------------------
+
+    @api.get("/healthz", summary="200 {status: ok} when this replica serves a detector, else 503; no token needed")
     async def healthz(self) -> JSONResponse:
+        return self._readiness()
+
+    @api.get("/readyz", summary="Readiness: 200 when a detector is loaded, else 503; no token needed")
+    async def readyz(self) -> JSONResponse:
+        return self._readiness()
+
+    @api.get("/livez", summary="Liveness: 200 while the replica answers at all; no token needed")
+    async def livez(self) -> JSONResponse:
+        return JSONResponse({"status": "alive"})
+
+    def _readiness(self) -> JSONResponse:
         if self._state is None:
-            return _error(503, "not_ready", "the model is still loading")
-        return JSONResponse({"status": "ok", "model": _model_ref(self._state), "reload_error": self._reload_error})
+            return JSONResponse({"status": "unavailable"}, status_code=503, headers={"retry-after": "5"})
+        return JSONResponse({"status": "ok"})
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        self._check_auth(request)
+        return JSONResponse(api.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        self._check_auth(request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{api.title} - docs")
+
+    @api.get("/", include_in_schema=False, response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        # Static and data-free (no token needed to load it): it asks for the token and sends it with each call.
+        return HTMLResponse(PAGE_HTML, headers={
+            "content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                       "img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; "
+                                       "base-uri 'none'; frame-ancestors 'none'",
+            "x-content-type-options": "nosniff", "cache-control": "no-store"})
 
     def check_health(self) -> None:
         """Serve's own health probe: a replica without a detector is not healthy."""
@@ -484,14 +612,15 @@ class FingerprintService:
 
 
 DEPLOYMENT_ARGS = ("num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests",
-                   "max_ongoing_requests", "num_cpus", "max_surge_percent")
+                   "max_ongoing_requests", "max_queued_requests", "num_cpus", "max_surge_percent")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder: `args` holds ServeConfig fields (the user_config) and deployment options.
 
     Deployment options: num_replicas (default 1), or min_replicas/max_replicas/target_ongoing_requests for
-    autoscaling; max_ongoing_requests (default 64); num_cpus per replica (default 1); max_surge_percent
+    autoscaling; max_ongoing_requests (default 64); max_queued_requests (default 64; -1 = unbounded); num_cpus
+    per replica (default 1); max_surge_percent
     (default 100: a redeploy through `serve.run`, which replaces replicas, starts each new replica before its
     old one stops, so capacity never drops).
     Usable as `serve run serve.app:build_app detector=...` or from Python.
@@ -502,6 +631,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     options: dict[str, Any] = {
         "user_config": {k: v for k, v in vars(user_config).items() if v != getattr(ServeConfig, k, None)},
         "max_ongoing_requests": int(dep.get("max_ongoing_requests", DEFAULT_MAX_ONGOING_REQUESTS)),
+        "max_queued_requests": int(dep.get("max_queued_requests", DEFAULT_MAX_QUEUED_REQUESTS)),
         "ray_actor_options": {"num_cpus": float(dep.get("num_cpus", 1))},
         "max_surge_percent": int(dep.get("max_surge_percent", 100)),
     }

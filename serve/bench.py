@@ -344,6 +344,38 @@ def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str
 # Load generator
 
 
+RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
+"""Answers worth sending the same request again for: shed load, a replica that died, a timeout. Scoring is
+idempotent, so a retry never does harm; a 4xx about the input would fail the same way again."""
+
+
+async def post_with_retry(session: Any, url: str, body: bytes, headers: dict[str, str], attempts: int = 4,
+                          max_wait_s: float = 2.0, failed: list[Any] | None = None) -> tuple[int | str, int]:
+    """POST with the client retry policy: up to `attempts` tries on RETRY_STATUSES and dropped connections,
+    waiting what Retry-After says (at most `max_wait_s`), else 0.1, 0.2, 0.4 s. Returns (last status or error
+    name, retries used); the status of each attempt that was retried is appended to `failed`."""
+    import aiohttp
+
+    status: int | str = "none"
+    for attempt in range(attempts):
+        wait = 0.1 * 2 ** attempt
+        try:
+            async with session.post(url, data=body, headers=headers) as r:
+                await r.read()
+                status = r.status
+                if status not in RETRY_STATUSES:
+                    return status, attempt
+                after = r.headers.get("retry-after", "")
+                wait = float(after) if after.replace(".", "", 1).isdigit() else wait
+        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+            status = type(e).__name__
+        if attempt + 1 < attempts:
+            if failed is not None:
+                failed.append(status)
+            await asyncio.sleep(min(wait, max_wait_s))
+    return status, attempts - 1
+
+
 async def run_load(url: str, bodies: list[tuple[bytes, str]], concurrency: int, requests: int, seconds: float,
                    warmup: int, images_per_request: int = 1) -> dict[str, Any]:
     """Closed loop: `concurrency` clients, each sending its next request when the previous one answered."""
@@ -359,9 +391,8 @@ async def run_load(url: str, bodies: list[tuple[bytes, str]], concurrency: int, 
             counter["sent"] += 1
             t = time.perf_counter()
             try:
-                async with session.post(url, data=body, headers={"content-type": ctype}) as r:
-                    await r.read()
-                    status = r.status
+                status, retried = await post_with_retry(session, url, body, {"content-type": ctype})
+                counter["retries"] = counter.get("retries", 0) + retried * measure
             except aiohttp.ClientError as e:
                 status = type(e).__name__
             if measure:
@@ -384,7 +415,7 @@ async def run_load(url: str, bodies: list[tuple[bytes, str]], concurrency: int, 
     lat = np.array(latencies) * 1000
     return {
         "concurrency": concurrency, "images_per_request": images_per_request, "ok": len(latencies),
-        "errors": errors, "wall_s": round(wall, 3),
+        "errors": errors, "retries": counter.get("retries", 0), "wall_s": round(wall, 3),
         "images_per_s": len(latencies) * images_per_request / wall if wall > 0 else 0.0,
         "latency_ms": {q: float(np.percentile(lat, int(q[1:]))) if len(lat) else None for q in ("p50", "p95", "p99")}
         | {"mean": float(lat.mean()) if len(lat) else None},
@@ -439,6 +470,12 @@ def _replica_batching(base: str, replicas: int) -> dict[str, Any]:
 
 
 def serve_cells(config: BenchConfig, detector: Path, data: Path, images: list[Path]) -> list[dict[str, Any]]:
+    import sys
+
+    from jobs.ray_session import secure_local_auth
+
+    if "ray" not in sys.modules:
+        secure_local_auth()  # before Ray is imported: it reads its auth mode then
     import ray
     from ray import serve
 

@@ -70,16 +70,26 @@ def app_args(config: ServeCommandConfig) -> dict:
 def main(config: ServeCommandConfig) -> None:
     """Start Ray and Serve, deploy the app, and block until interrupted."""
     validate(config)
+    from jobs.ray_session import secure_local_auth
+
+    # A new local instance (never a cluster someone else started on this machine), closed by Ray's token auth:
+    # its ports listen on every interface. Before Ray is imported: it reads its auth mode then.
+    secure_local_auth()
     import ray
     from ray import serve
 
+    from serve import guard
     from serve.app import build_app
 
     application = build_app(app_args(config))
-    # A private local instance (below), so Ray's cluster token adds nothing; respect an explicit setting.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # A new local instance: never deploy into a cluster someone else started on this machine.
-    ray.init(address="local", include_dashboard=False)
+    # Ray's HTTP proxy process reads these when it starts: the gate (auth before queueing, body limits, JSON
+    # errors) and the token it checks.
+    os.environ.setdefault(guard.CALLBACK_ENV, guard.CALLBACK)
+    if config.token():
+        os.environ[guard.TOKEN_ENV] = config.token()
+    # Advertise loopback only. (Checked with `ss -ltnp`: GCS, raylet and workers still listen on every interface
+    # whatever the node IP, so the token auth above is what closes them.)
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
     serve.start(http_options={"host": config.host, "port": config.port})
     log.info("deploying; the service answers on http://%s:%d (OpenAPI at /docs) once the model is loaded",
              config.host, config.port)

@@ -67,8 +67,16 @@ class ServeConfig:
     """Largest accepted encoded image (bytes); larger uploads get HTTP 413."""
     max_image_pixels: Annotated[int, Range(1)] = 4096 * 4096
     """Largest accepted image area (width x height) before decoding: guards against decompression bombs."""
+    max_image_side: Annotated[int, Range(1)] = 8192
+    """Longest accepted image side (pixels), checked from the header before decoding: a tiny PNG can declare
+    1048576 x 1 pixels, under the area limit, and still make decoders allocate huge rows."""
+    max_aspect_ratio: Annotated[float, Range(1)] = 16.0
+    """Largest accepted ratio of an image's long side to its short side, checked before decoding."""
     max_images_per_request: Annotated[int, Range(1)] = 64
     """Most images in one request."""
+    body_timeout_s: Annotated[float, Range(0.1)] = 30.0
+    """Most seconds a client may take to send a request body; slower ones get HTTP 408 (a slow client then
+    holds a replica's request slot at most this long)."""
     auth_token: str = ""
     """Bearer token that requests must send (Authorization: Bearer ...). Prefer --auth-token-env: a token
     written here is visible to anyone who can read the Serve config. Empty with an empty variable = no auth."""

@@ -30,8 +30,10 @@ from fingerprint.commands.predict import resolve_detector
 from fingerprint.config import ConfigError, flag
 from fingerprint.data import images as fpdata
 from fingerprint.data.imagesets import benchmark_items, pool_groups
+from fingerprint.data.thumbnails import Thumbnails, make_thumbnails
 from fingerprint.detectors import Detector, load_detector
 from fingerprint.detectors.networks import NetworkNN
+from fingerprint.index_store import use_stored_index
 from serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,12 @@ def item_id(name: str) -> str:
     return name[: -len(path.suffix)] if path.suffix.lower() in fpdata.IMAGE_SUFFIXES else name
 
 
-def decode_image(data: bytes, item: str, max_bytes: int, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, item: str, max_bytes: int, max_pixels: int, max_side: int = 8192,
+                 max_aspect: float = 16.0) -> Image.Image:
     """Decode one uploaded PNG/JPEG to 8-bit gray exactly as `fingerprint.data.images.load_image` reads files.
 
-    Raises InputError (naming `item`) for an empty, oversized, truncated or non-image upload.
+    The declared size is checked against `max_pixels`, `max_side` and `max_aspect` from the header, before any
+    pixel is decoded. Raises InputError (naming `item`) for an empty, oversized, truncated or non-image upload.
     """
     if not data:
         raise InputError(400, "empty_image", f"{item}: empty upload (0 bytes); send PNG or JPEG bytes", item)
@@ -85,6 +89,13 @@ def decode_image(data: bytes, item: str, max_bytes: int, max_pixels: int) -> Ima
             raise InputError(415, "unsupported_format",
                              f"{item}: a {im.format} image; only PNG and JPEG are accepted (convert it)", item)
         w, h = im.size
+        # From the header alone: a decoder allocates by the declared size, whatever the file's length.
+        if max(w, h) > max_side:
+            raise InputError(413, "image_too_large",
+                             f"{item}: {w}x{h} pixels has a side over {max_side} (max_image_side)", item)
+        if min(w, h) < 1 or max(w, h) / min(w, h) > max_aspect:
+            raise InputError(413, "image_too_large", f"{item}: {w}x{h} pixels is more elongated than "
+                             f"{max_aspect:g}:1 (max_aspect_ratio); send the image uncropped", item)
         if w * h > max_pixels:
             raise InputError(413, "image_too_large",
                              f"{item}: {w}x{h} pixels is over the limit of {max_pixels} (max_image_pixels)", item)
@@ -119,6 +130,11 @@ class ModelState:
     @property
     def kind(self) -> str:
         return self.detector.kind
+
+    @property
+    def thumbnails(self) -> Thumbnails | None:
+        """Pictures of the gallery (thumbs.safetensors), or None for a detector saved without them."""
+        return getattr(self.detector, "gallery_thumbnails", None)
 
     def score(self, images: list[Image.Image], ids: list[str]) -> list[dict[str, Any]]:
         """One `Detector.score` call for the batch; per image its score, decision and evidence."""
@@ -185,6 +201,7 @@ def reindex(det: Detector, gallery: str | Path, reference: str | Path | None = N
         raise ConfigError(problems)
     groups = pool_groups(reference or gallery, ref_kept, ref)
     det.index(gen, [it.id for it in gen_kept], ref, [it.id for it in ref_kept], groups)
+    det.gallery_thumbnails = make_thumbnails(gen, [it.id for it in gen_kept])  # the saved ones show other images
 
 
 def trace_model(model: Any, input_size: tuple[int, ...], device: Any) -> tuple[Any, str]:
@@ -224,6 +241,8 @@ def load_state(config: ServeConfig) -> ModelState:
         path, info = _resolve_model(config, Path(tmp))
         det = load_detector(path)
         sha = arrays_digest(path)
+        # The stored embeddings of `fingerprint embed` (<detector>/index), read while the folder still exists.
+        stored = None if config.gallery else use_stored_index(det, path)
     if config.gallery:
         reindex(det, config.gallery, config.reference or None)
     threshold = det.threshold if config.threshold is None else float(config.threshold)
@@ -234,7 +253,8 @@ def load_state(config: ServeConfig) -> ModelState:
             module = det.forward_module()
             traced, forward = trace_model(module, tuple(det.meta.extra["data_config"]["input_size"]), det.device)
             det.use_forward(traced if traced is not module else None)
-    info.update(forward=forward, arrays_sha256=sha, gallery_source=config.gallery or "detector",
+    info.update(forward=forward, arrays_sha256=sha,
+                gallery_source=config.gallery or ("stored index" if stored else "detector"),
                 reference_source=(config.reference or config.gallery) or "detector",
                 loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 load_seconds=round(time.perf_counter() - started, 2))

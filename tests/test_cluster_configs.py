@@ -31,6 +31,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from serve import guard
+
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "cluster" / "kuberay"
 LAUNCHER = ROOT / "cluster" / "launcher" / "aws.yaml"
@@ -556,6 +558,9 @@ def test_manifests_fail_closed() -> None:
                 assert refs.get(name), f"RayService {where}: Serve listens on the network but {name} is not set"
                 assert refs[name].get("optional") is False, (
                     f"RayService {where}: the Secret behind {name} must be required (optional: false)")
+            values = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert values.get(guard.CALLBACK_ENV) == guard.CALLBACK, (
+                f"RayService {where}: set {guard.CALLBACK_ENV}={guard.CALLBACK} (auth before queueing)")
 
 
 def test_compose_wires_ray_and_mlflow_through_environment_variables() -> None:

@@ -72,7 +72,7 @@ def test_versions_of_two_kinds_download_as_detector_folders(store, detectors, tm
     registry.set_alias("fp", "champion", v2, reason="first", metrics={"val_auc": 0.5})
     got, folder = registry.download_detector("fp", "champion", tmp_path / "dl")
     assert got.version == "2" and sorted(p.name for p in folder.iterdir()) == \
-        ["arrays.safetensors", "ids.json", "meta.json"]
+        ["arrays.safetensors", "ids.json", "meta.json", "thumbs.safetensors"]
     original, loaded = load_detector(detectors["gradient_nn"]), load_detector(folder)
     assert loaded.kind == "gradient" and loaded.threshold == original.threshold
     assert loaded.gallery_ids == original.gallery_ids

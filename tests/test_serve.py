@@ -1,5 +1,7 @@
 """The scoring service on a real Ray Serve instance on 127.0.0.1: evidence in the answers, batching, bad input,
-parity with `fingerprint predict`, a hot swap to another detector kind under traffic, a failed reload, auth.
+parity with `fingerprint predict`, the neighbours' thumbnails, a hot swap to another detector kind under traffic,
+a failed reload, auth (docs included), and the page at / in a real headless Chromium. serve.guard runs in Ray's
+HTTP proxy throughout.
 
 One Ray start (with its dashboard: serve/config.yaml is applied through Serve's REST API, as `serve deploy`
 does) and one deployment for the whole module; later tests reconfigure it in place (the order of the tests
@@ -12,6 +14,8 @@ import asyncio
 import base64
 import io
 import json
+import os
+import shutil
 import socket
 import threading
 import time
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import chromium, page  # noqa: F401  (fixtures)
 from PIL import Image
 from ray_fixtures import ray_with_dashboard  # noqa: F401  (fixture)
 
@@ -57,7 +62,21 @@ def detectors(sample_bench, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def service(ray_with_dashboard, detectors):  # noqa: F811 (the imported fixture)
+def proxy_guard():
+    """serve.guard in Ray's HTTP proxy (read from the environment when Ray starts, so before ray_with_dashboard)."""
+    from serve import guard
+
+    old = os.environ.get(guard.CALLBACK_ENV)
+    os.environ[guard.CALLBACK_ENV] = guard.CALLBACK
+    yield
+    if old is None:
+        os.environ.pop(guard.CALLBACK_ENV, None)
+    else:
+        os.environ[guard.CALLBACK_ENV] = old
+
+
+@pytest.fixture(scope="module")
+def service(proxy_guard, ray_with_dashboard, detectors):  # noqa: F811 (the imported fixture)
     """serve/config.yaml deployed as `serve deploy` would, serving the triplet detector folder, with small limits."""
     from ray import serve
 
@@ -108,7 +127,9 @@ def test_health_model_info_and_openapi(service, detectors):
     from fingerprint.detectors import load_detector
 
     c = service["client"]
-    assert c.get("/healthz").json()["status"] == "ok"
+    # Probes say only whether the replica serves; the model's details need /v1/model (and its token).
+    assert c.get("/healthz").json() == {"status": "ok"} and c.get("/readyz").json() == {"status": "ok"}
+    assert c.get("/livez").json() == {"status": "alive"}
     info = c.get("/v1/model").json()
     det = load_detector(detectors["triplet"])
     assert (info["kind"], info["name"], info["version"], info["alias"]) == ("triplet", "triplet", "local", None)
@@ -121,8 +142,32 @@ def test_health_model_info_and_openapi(service, detectors):
     spec = c.get("/openapi.json").json()
     body = spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json", "image/png"} <= set(body)
-    assert "/v1/embed" not in spec["paths"]
+    assert "/v1/embed" not in spec["paths"] and "/v1/thumbnails/{image_id}" in spec["paths"]
     assert c.get("/docs").status_code == 200
+    # Ray's proxy's own plain-text errors come back as the service's JSON (serve.guard).
+    r = c.get("/no/such/route")
+    assert r.status_code == 404 and r.headers["content-type"] == "application/json" and r.json()["error"]
+
+
+def test_nearest_generated_images_come_with_pictures(service, detectors, real_images):
+    c = service["client"]
+    gallery = json.loads((detectors["triplet"] / "ids.json").read_text())["gallery"]
+    body = c.post("/v1/score", files=_files(real_images[:2])).json()
+    assert all(n["thumbnail"] is None for x in body["results"] for n in x["nearest"])  # only when asked for
+    body = c.post("/v1/score", params={"thumbnails": "url"}, files=_files(real_images[:2])).json()
+    for n in (n for x in body["results"] for n in x["nearest"]):
+        r = c.get(n["thumbnail"])
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert max(Image.open(io.BytesIO(r.content)).size) <= 64
+    inline = c.post("/v1/score", params={"thumbnails": "inline"}, files=_files(real_images[:1])).json()
+    uri = inline["results"][0]["nearest"][0]["thumbnail"]
+    assert uri.startswith("data:image/png;base64,")
+    assert Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).format == "PNG"
+    assert c.get(f"/v1/thumbnails/{gallery[0]}").status_code == 200
+    r = c.get("/v1/thumbnails/not-in-the-gallery")
+    assert r.status_code == 404 and r.json()["error"] == "unknown_id"
+    r = c.post("/v1/score", params={"thumbnails": "huge"}, files=_files(real_images[:1]))
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
 
 
 def test_scores_equal_fingerprint_predict(service, detectors, sample_bench, real_images):
@@ -195,6 +240,8 @@ BAD_CASES = {
                            "unsupported_media_type"),
     "unknown_form_field": (dict(data={"colour": "red"}, files=[("files", ("a.png", b"x", "image/png"))]), 422,
                            "unknown_field"),
+    "deep_json": (dict(content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"}),
+                  400, "malformed_json"),
 }
 
 
@@ -223,6 +270,10 @@ def test_damaged_and_oversized_images(service, real_images):
     assert r.status_code == 413 and "max_image_pixels" in r.json()["detail"]
     r = c.post("/v1/score", files=_files(real_images[:1] * 17))
     assert r.status_code == 413 and r.json()["error"] == "too_many_images"
+    # A 1048576 x 1 PNG of about a kilobyte passes the area limit: its side is refused before decoding.
+    line = Image.new("L", (1048576, 1))
+    r = c.post("/v1/score", files=[("files", ("line.png", _png(np.asarray(line)), "image/png"))])
+    assert r.status_code == 413 and "max_image_side" in r.json()["detail"]
 
     # One bad image among good ones: named, and only it.
     r = c.post("/v1/score", files=_files(real_images[:2]) + [("files", ("junk.png", b"junk", "image/png"))])
@@ -311,3 +362,39 @@ def test_bearer_token(service, detectors, real_images):
     r = c.post("/v1/score", files=_files(real_images[:1]), headers={"Authorization": "Bearer s3cret"})
     assert r.status_code == 200
     assert c.get("/healthz").status_code == 200  # probes need no token
+    # The documentation follows the API's auth.
+    assert c.get("/openapi.json").status_code == 401 and c.get("/docs").status_code == 401
+    assert c.get("/openapi.json", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert c.get("/v1/thumbnails/x").status_code == 401
+
+
+def test_page_shows_verdict_and_neighbours(service, detectors, real_images, page, tmp_path):  # noqa: F811
+    """The page at / in a real headless Chromium, with auth on (the previous test set the token), serving the
+    triplet detector again (3 nearest generated images per answer)."""
+    service["reload"](detector=str(detectors["triplet"]))
+    pg, log = page
+    pg.goto(service["url"] + "/")
+    pg.set_input_files("#files", [str(p) for p in real_images[:2]])
+    pg.fill("#token", "wrong")
+    pg.click("#submit")
+    pg.wait_for_selector("#status.error", timeout=60_000)
+    assert "401" in pg.inner_text("#status")
+    log.failed_requests = [x for x in log.failed_requests if not x.startswith("HTTP 401")]  # that one was meant
+    log.console_errors = [x for x in log.console_errors if "401" not in x]
+    pg.fill("#token", "s3cret")
+    pg.click("#submit")
+    pg.wait_for_selector("section.result >> nth=1", timeout=60_000)
+    rows = pg.query_selector_all("section.result")
+    assert [r.get_attribute("data-id") for r in rows] == [p.stem for p in real_images[:2]]
+    assert "Detector: triplet" in pg.inner_text("#status")
+    for row in rows:
+        assert row.query_selector(".verdict").inner_text() in ("Likely in the training set", "Not flagged")
+        assert len(row.query_selector_all("figure img")) == 3
+    # Every picture (the uploads and the neighbours' thumbnails) has loaded.
+    sizes = pg.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+    assert sizes and all(done and width > 0 for done, width in sizes), sizes
+    assert log.problems() == []
+    shot = tmp_path / "service.png"
+    pg.screenshot(path=str(shot), full_page=True)
+    if os.environ.get("FINGERPRINT_UPDATE_SCREENSHOTS"):
+        shutil.copy(shot, Path(__file__).resolve().parent.parent / "docs" / "service.png")

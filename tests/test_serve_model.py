@@ -355,3 +355,148 @@ def test_trace_is_checked_against_the_model():
     assert how == "torchscript trace" and isinstance(fn, torch.jit.ScriptModule)
     x = torch.rand(5, 1, 4, 4)
     assert torch.equal(fn(x), Plain()(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evidence pictures and the hardening that needs no Ray
+
+
+def test_detectors_save_gallery_thumbnails_and_load_without_them(detectors, tmp_path):
+    import shutil
+
+    from fingerprint.data.thumbnails import THUMBS_FILE, load_thumbnails, make_thumbnails
+    from fingerprint.detectors import load_detector
+
+    state = load_state(from_user_config({"detector": str(detectors["gradient"])}))
+    thumbs = state.thumbnails
+    assert thumbs is not None and set(state.detector.gallery_ids) <= set(thumbs.ids)
+    png = thumbs.png(state.detector.gallery_ids[0])
+    im = Image.open(io.BytesIO(png))
+    assert im.format == "PNG" and im.mode == "L" and max(im.size) <= 64
+    assert thumbs.png("no-such-id") is None
+    # Saved again, the pictures travel with the detector; without the file it still loads, without pictures.
+    again = load_detector(state.detector.save(tmp_path / "again"))
+    assert again.gallery_thumbnails.ids == thumbs.ids
+    bare = tmp_path / "bare"
+    shutil.copytree(detectors["gradient"], bare)
+    (bare / THUMBS_FILE).unlink()
+    assert load_state(from_user_config({"detector": str(bare)})).thumbnails is None
+    (bare / THUMBS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="damaged thumbnails file"):
+        load_thumbnails(bare)
+    # Aspect is kept and small images are never enlarged.
+    made = make_thumbnails([Image.new("L", (200, 50), 7), Image.new("RGB", (10, 20))], ["wide", "small"])
+    assert made.get("wide").shape == (16, 64) and made.get("small").shape == (20, 10)
+
+
+def test_decode_bounds_sides_and_aspect_before_decoding():
+    import struct
+    import zlib
+
+    def png_header_only(w: int, h: int) -> bytes:
+        """A PNG that declares w x h pixels but holds a few bytes of data: a decompression bomb's header."""
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+            chunk(b"IEND", b"")
+
+    bomb = png_header_only(1048576, 1)
+    assert len(bomb) < 1200
+    with pytest.raises(InputError) as e:  # under the area limit, over the side limit
+        decode_image(bomb, "bomb.png", 10**6, 4096 * 4096)
+    assert e.value.status == 413 and "max_image_side" in str(e.value)
+    with pytest.raises(InputError) as e:  # within both side limits, too elongated
+        decode_image(png_header_only(4000, 10), "thin.png", 10**6, 4096 * 4096)
+    assert e.value.status == 413 and "max_aspect_ratio" in str(e.value)
+
+
+def _asgi_call(app, method: str = "POST", path: str = "/v1/score", headers: list | None = None,
+               body_chunks: list | None = None, delay_s: float = 0.0) -> tuple[int, dict, dict]:
+    """Run one request through an ASGI app; returns (status, headers, JSON body)."""
+    import asyncio
+    import json
+
+    chunks = list(body_chunks or [b""])
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if chunks:
+            if delay_s:
+                await asyncio.sleep(delay_s)
+            chunk = chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+        await asyncio.sleep(3600)  # hang-guarded by the caller's wait_for
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": headers or [], "client": ("127.0.0.1", 1)}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 60))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, json.loads(body or b"null")
+
+
+def test_guard_checks_token_and_body_before_forwarding():
+    from serve.guard import Guard, GuardConfig
+
+    seen: list[tuple[bytes, list]] = []
+
+    async def inner(scope, receive, send):
+        message = await receive()
+        seen.append((message["body"], scope["headers"]))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    guard = Guard(inner, GuardConfig(token="s3cret", max_body_bytes=10, body_idle_timeout_s=0.2, body_timeout_s=5))
+    status, headers, body = _asgi_call(guard, body_chunks=[b"abc"])
+    assert status == 401 and body["error"] == "unauthorized" and headers["www-authenticate"] == "Bearer" and not seen
+    assert _asgi_call(guard, "GET", "/-/routes")[0] == 401 and _asgi_call(guard, "GET", "/docs")[0] == 401
+    assert _asgi_call(guard, "GET", "/healthz")[0] == 200  # probes and the page need no token
+    auth = [(b"authorization", b"Bearer s3cret"), (b"x-request-timeout-seconds", b"0")]
+    # A chunked body over the cap is refused while it streams; a stalled one times out; neither is forwarded.
+    status, _, body = _asgi_call(guard, headers=auth, body_chunks=[b"123456", b"789012"])
+    assert status == 413 and body["error"] == "request_too_large" and len(seen) == 1
+    status, _, body = _asgi_call(guard, headers=auth, body_chunks=[b"1", b"2"], delay_s=0.5)
+    assert status == 408 and body["error"] == "body_timeout" and len(seen) == 1
+    # A complete body is forwarded whole, without Ray's per-request override headers.
+    assert _asgi_call(guard, headers=auth, body_chunks=[b"12", b"34"])[0] == 200
+    assert seen[-1] == (b"1234", [(b"authorization", b"Bearer s3cret")])
+
+
+def test_guard_turns_plain_text_errors_into_json():
+    from serve.guard import Guard, GuardConfig
+
+    async def shed(scope, receive, send):  # what Ray's proxy sends when max_queued_requests is reached
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"2")]})
+        await send({"type": "http.response.body", "body": b"Request dropped due to backpressure (...)."})
+
+    async def died(scope, receive, send):  # a replica died: Ray's proxy sends nothing (uvicorn would say 500)
+        return None
+
+    status, headers, body = _asgi_call(Guard(shed, GuardConfig()), "GET", "/v1/model")
+    assert (status, body["error"], headers["retry-after"]) == (503, "overloaded", "2")
+    assert headers["content-type"] == "application/json"
+    status, headers, body = _asgi_call(Guard(died, GuardConfig()), "GET", "/v1/model")
+    assert (status, body["error"], headers["retry-after"]) == (503, "replica_unavailable", "1")
+    # A probe shed for a full queue: the replicas are alive, only busy (readiness keeps its 503).
+    assert _asgi_call(Guard(shed, GuardConfig()), "GET", "/healthz")[:3:2] == (200, {"status": "ok"})
+    assert _asgi_call(Guard(shed, GuardConfig()), "GET", "/readyz")[0] == 503
+
+
+def test_guard_rate_limit_per_token():
+    from serve.guard import Guard, GuardConfig
+
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    guard = Guard(ok, GuardConfig(rate_per_s=0.01, rate_burst=2))
+    codes = [_asgi_call(guard, "GET", "/v1/model")[0] for _ in range(3)]
+    status, headers, body = _asgi_call(guard, "GET", "/v1/model")
+    assert codes == [200, 200, 429] and status == 429 and body["error"] == "rate_limited"
+    assert int(headers["retry-after"]) >= 1
+    assert _asgi_call(guard, "GET", "/healthz")[0] == 200  # probes are never limited

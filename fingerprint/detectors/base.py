@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from fingerprint.config import ConfigError, check_fields, field_docs, from_dict, to_dict
+from fingerprint.data.thumbnails import load_thumbnails, make_thumbnails, save_thumbnails
 from fingerprint.io import atomic_dir, jsonable
 
 __all__ = [
@@ -300,6 +301,8 @@ class Detector:
             (tmp / IDS_FILE).write_text(json.dumps({
                 "gallery": self.gallery_ids, "reference": self.reference_ids,
                 "reference_groups": self.reference_groups.tolist()}))
+            if getattr(self, "gallery_thumbnails", None) is not None:
+                save_thumbnails(self.gallery_thumbnails, tmp)
         return path
 
 
@@ -334,6 +337,7 @@ def load_detector(path: str | Path) -> Detector:
     det._set_reference(ids.get("reference", []), np.asarray(ids.get("reference_groups", []), dtype=np.int64)
                        if ids.get("reference_groups") else None)
     det.load_arrays(load_file(str(path / ARRAYS_FILE)))
+    det.gallery_thumbnails = load_thumbnails(path)  # optional pictures of the gallery (None without)
     return det
 
 
@@ -382,6 +386,10 @@ def finish_fit(det: Detector, data: FitData, *, threshold_method: str = "max_f1"
         if len(np.unique(y_val)) == 2:
             m = all_metrics(y_val, scores.score[len(data.train):], threshold=det.meta.threshold)
             det.meta.metrics = {f"val_{k}": float(v) for k, v in m.items()}
+    # Small pictures of the gallery, saved beside it, so a decision's nearest generated images can be shown.
+    keep = set(det.gallery_ids) or set(data.generated_ids)
+    rows = [i for i, g in enumerate(data.generated_ids) if g in keep]
+    det.gallery_thumbnails = make_thumbnails([data.generated[i] for i in rows], [data.generated_ids[i] for i in rows])
     return det
 
 
