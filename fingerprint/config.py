@@ -93,6 +93,10 @@ class TrainConfig(ScoreConfig, ModelConfig):
     """Passes over --triplets-per-epoch triplets."""
     triplets_per_epoch: Annotated[int, Range(1)] = 512
     """Triplets drawn (seeded) per epoch; anchors are balanced between dev and test generated images."""
+    val_gallery_size: Annotated[int, Range(0)] = 2048
+    """Generated images the per-epoch validation indexes (a seeded sample, the same every epoch; 0 = all): rank 0
+    validates while the other workers wait, so its cost must not grow with the gallery. The final detector
+    indexes every generated image."""
     batch_size: Annotated[int, Range(1)] = 32
     """Triplets per optimisation step (per worker when distributed)."""
     lr: Annotated[float, Range(0, lo_open=True)] = 1e-4

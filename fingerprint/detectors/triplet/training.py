@@ -35,6 +35,11 @@ from fingerprint.features.transforms import Preprocess
 
 log = logging.getLogger(__name__)
 
+VAL_GALLERY_SIZE = 2048
+"""Default of ``TrainConfig.val_gallery_size``, for configs without the field: generated images the per-epoch
+validation indexes (a seeded sample); the final detector (``final_detector``, Ray Train's ``build_detector``)
+indexes every generated image."""
+
 
 @dataclass
 class TrainingData:
@@ -143,6 +148,8 @@ class Validation:
     labels: np.ndarray
     detector: TripletNN
     """The triplet detector as of this epoch (network, gallery, threshold): what a checkpoint of it would score."""
+    gallery_sampled: bool = False
+    """True when it indexed a sample of the gallery (``VAL_GALLERY_SIZE``): a final detector indexes all of it."""
 
 
 def as_detector(model: nn.Module, data_cfg: dict[str, Any], config: TrainConfig) -> TripletNN:
@@ -161,15 +168,27 @@ def validate(model: nn.Module, data: TrainingData, config: TrainConfig, data_cfg
         return None
     det = as_detector(model, data_cfg, config)
     src = data.source
-    det.index(src.generated, src.generated_ids, src.real, src.real_ids, src.groups)
+    rows = validation_gallery(len(src.generated), int(getattr(config, "val_gallery_size", VAL_GALLERY_SIZE)),
+                              config.seed)
+    det.index([src.generated[i] for i in rows], [src.generated_ids[i] for i in rows], src.real, src.real_ids,
+              src.groups)
     finish_fit(det, src, threshold_method=config.threshold_method, target_fpr=config.target_fpr)
     scores = det.score(data.val_images, data.val_ids)
-    return Validation(dict(det.meta.metrics), det.threshold, scores, data.val_labels, det)
+    return Validation(dict(det.meta.metrics), det.threshold, scores, data.val_labels, det,
+                      gallery_sampled=len(rows) < len(src.generated))
+
+
+def validation_gallery(n: int, size: int, seed: int) -> np.ndarray:
+    """Rows of the gallery the per-epoch validation indexes: all of them, or a seeded sample of ``size``."""
+    if size <= 0 or n <= size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
 
 
 def final_detector(result: FitResult, data: TrainingData, config: TrainConfig) -> TripletNN:
-    """The trained network as a saved-ready triplet detector: the last validation's, or indexed afresh."""
-    if result.validation is not None:
+    """The trained network as a saved-ready triplet detector: the last validation's when it indexed the whole
+    gallery, else indexed afresh on every generated image."""
+    if result.validation is not None and not result.validation.gallery_sampled:
         return result.validation.detector
     if data.source is None:
         raise ValueError("final_detector needs TrainingData built from FitData (training_data)")
