@@ -13,7 +13,8 @@ Steps, all under --out (default runs/demo):
      new version of fingerprint-sample (an MLflow pyfunc), the best by val_auc = challenger;
   3. promotion: challenger -> champion when it beats the champion on the same validation split;
   4. the champion's detector folder downloaded from the registry, `fingerprint predict` on the test part
-     (real_unknown images), `fingerprint evaluate` against the sample's test_labels.csv.
+     (real_unknown images), `fingerprint evaluate` against the sample's test_labels.csv, and the audit report
+     (predict/report.html, with the registry version; logged to MLflow under the sweep run's audit/).
 Run it again and finished work is reused: the data stays, the sweep is restored, promotion finds nothing to do.
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fingerprint.commands.cli import Command
-from fingerprint.config import flag, validate
+from fingerprint.config import flag, to_dict, validate
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 class DemoConfig:
     out: str = "runs/demo"
     """Folder for everything the demo writes (data, MLflow store, Ray storage, reports, predictions)."""
-    presets: str = "triplet,pixel_ncc,pixel_mass,subspace_mass,gradient_nn,best"
+    presets: str = "triplet,pixel_ncc,pixel_mass,subspace_mass,gradient_nn,gradient_cal,best"
     """Detectors to compare (fingerprint.detectors.PRESETS names, plus triplet and frozen per backbone)."""
     backbones: str = "resnet18"
     """Comma-separated timm backbones for the triplet (and frozen) detectors; one small one keeps the demo short."""
@@ -89,8 +90,11 @@ class DemoResult:
 
 def main(config: DemoConfig) -> DemoResult:
     """Run every step (reusing finished ones) and print where to look."""
+    import mlflow
+
     from fingerprint.commands import evaluate, predict
     from fingerprint.data.phantoms import make_sample_dataset
+    from fingerprint.report import write_audit
     from jobs import promote, registry, sweep
     from jobs.tracking import resolve_tracking_uri
 
@@ -131,7 +135,14 @@ def main(config: DemoConfig) -> DemoResult:
     submission = predict.main(predict.PredictConfig(model=str(detector), data=str(data), out=str(out / "predict")))
     metrics = evaluate.main(evaluate.EvaluateConfig(scores=str(out / "predict" / "scores.csv"),
                                                     labels=str(data / "test_labels.csv"), out=str(out / "evaluate"),
-                                                    groups=str(data / "groups.csv"), n_boot=500))
+                                                    groups=str(data / "groups.csv"), n_boot=500, data=str(data)))
+    # The audit report of the champion, with its registry version, kept beside the sweep in MLflow.
+    report = write_audit(out / "predict", out / "predict" / "scores.jsonl", data, model=detector,
+                         generator=f"the sample data's PCA generator ({data / 'README.md'})",
+                         command="fingerprint demo", config=to_dict(config), n_boot=500,
+                         registry={"name": model_name, "alias": "champion", "version": mv.version,
+                                   "run_id": mv.run_id, "tracking_uri": tracking_uri})
+    mlflow.MlflowClient(tracking_uri).log_artifact(swept.parent_run_id or mv.run_id, str(report), "audit")
     seconds = time.perf_counter() - t0
     db = tracking_uri.removeprefix("sqlite:///")
     val = registry.version_metrics(mv).get("val_auc", float("nan"))
@@ -147,6 +158,7 @@ Where to look:
 (MLFLOW_TRACKING_URI={tracking_uri})
   predictions         {submission}  and  {out / 'predict' / 'scores.csv'}, evidence.png
   test metrics        {out / 'evaluate' / 'metrics.md'}
+  audit report        {report}  (also in MLflow: the sweep run's artifacts, audit/)
   alias history       fingerprint promote --model {model_name} --tracking-uri {tracking_uri} --history
   MLflow UI           mlflow ui --backend-store-uri sqlite:///{db}   (then open http://127.0.0.1:5000)
   Ray checkpoints     {out / 'ray'}

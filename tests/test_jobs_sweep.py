@@ -89,6 +89,9 @@ def test_demo_sweeps_kinds_promotes_predicts_and_resumes(tmp_path, capsys):
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.tags["kind"] for r in children) == ["gradient", "pixel", "triplet"]
     assert sorted(r.data.tags[REGISTERED_TAG] for r in children) == ["1", "2", "3"]
+    # the audit report of the champion's predictions, archived with the sweep's run
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "audit")] == ["audit/report.html"]
+    assert (tmp_path / "demo" / "predict" / "report.html").is_file()
     versions = client.search_model_versions("name='fingerprint-sample'")
     assert len({v.tags[registry.SPLIT_TAG] for v in versions}) == 1
     best = max(versions, key=lambda v: (registry.version_metrics(v)["val_auc"], -int(v.version)))

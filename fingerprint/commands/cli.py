@@ -42,6 +42,7 @@ BUILTIN: dict[str, Callable[[], Command]] = {
     "train": _lazy("fingerprint.commands.train", "TrainRunConfig"),
     "predict": _lazy("fingerprint.commands.predict", "PredictConfig"),
     "evaluate": _lazy("fingerprint.commands.evaluate", "EvaluateConfig"),
+    "report": _lazy("fingerprint.commands.report", "ReportConfig"),
     "sample-data": _lazy("fingerprint.commands.sample_data", "SampleDataConfig"),
     "benchmark": _lazy("fingerprint.evaluation.benchmark", "BenchmarkConfig"),
     "zoo": _lazy("fingerprint.commands.zoo", "ZooConfig"),

@@ -19,11 +19,12 @@ from typing import Annotated
 
 import numpy as np
 
-from fingerprint.config import ConfigError, Range, check_fields, flag, validate
+from fingerprint.config import ConfigError, Range, check_fields, flag, to_dict, validate
 from fingerprint.evaluation import plots
 from fingerprint.evaluation.memorisation import N_PERMUTATIONS, memorisation_test
 from fingerprint.evaluation.metrics import bootstrap_ci, format_table, resampling_unit
 from fingerprint.io import lookup_ids, read_csv, read_groups, read_labels, write_text_atomic
+from fingerprint.report import write_audit
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class EvaluateConfig:
     """Bootstrap resamples for the 95% intervals."""
     seed: int = 0
     """Seed of the bootstrap and of the memorisation test's permutations."""
+    data: str = ""
+    """The data folder that was scored: the audit report (report.html) then shows each image beside its nearest
+    generated images. Empty: the report lists their ids and similarities only."""
 
     def problems(self) -> list[str]:
         out = check_fields(self)
@@ -56,6 +60,9 @@ class EvaluateConfig:
                 out.append(f"{flag(name)}: required")
             elif not Path(value).is_file():
                 out.append(f"{flag(name)}: '{value}' is not a file")
+        if self.data and not Path(self.data).exists():
+            out.append(f"{flag('data')}: '{self.data}' does not exist; give the folder that was scored or leave it "
+                       "empty")
         if self.groups and not Path(self.groups).is_file():
             out.append(f"{flag('groups')}: '{self.groups}' is not a file (a CSV with columns id,group)")
         return out
@@ -116,5 +123,8 @@ def main(config: EvaluateConfig) -> dict[str, tuple[float, float, float]]:
     plots.roc_plot({"scores": (y, s)}, out / "roc_log.png", log_fpr=True)
     plots.score_histogram(s, y, out / "histogram.png", threshold=config.threshold)
     plots.confusion_plot(y, dec, out / "confusion.png")
+    write_audit(out, config.scores, config.data or None, labels=config.labels, groups=config.groups or None,
+                threshold=config.threshold, command="fingerprint evaluate", config=to_dict(config),
+                n_boot=config.n_boot, seed=config.seed, memorisation=mem)
     print(text, end="")
     return ci

@@ -19,12 +19,14 @@ from typing import Annotated
 import numpy as np
 from PIL import Image
 
-from fingerprint.config import ConfigError, Range, check_fields, flag, path_problems, validate
+from fingerprint.config import ConfigError, Range, check_fields, flag, path_problems, to_dict, validate
 from fingerprint.data import images as fpdata
 from fingerprint.data.imagesets import benchmark_items, pool_groups
 from fingerprint.detectors import Detector, Scores, is_detector_dir, load_detector
 from fingerprint.evaluation import plots
+from fingerprint.index_store import use_stored_index
 from fingerprint.io import write_csv_atomic, write_text_atomic
+from fingerprint.report import write_audit
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,16 @@ class PredictConfig:
     """Output folder for submission.csv, scores.csv, scores.jsonl and pictures."""
     threshold: float | None = None
     """Decision threshold; None uses the detector's."""
+    index: str = ""
+    """A stored gallery index (`fingerprint embed`) searched instead of embedding the generated images; empty:
+    <model>/index when present and made from the same generated images."""
     skip_bad: bool = False
     """Skip unreadable image files (listed in the log) instead of stopping."""
     evidence: Annotated[int, Range(0)] = 8
     """Highest-scoring images shown beside their nearest generated images in evidence.png (0 = no picture)."""
+    labels: str = ""
+    """CSV id,label (1 = used for training) of the scored images: with labels, the audit report (report.html) is
+    written too. Empty: <data>/test_labels.csv when present, else no report (`fingerprint report` makes one)."""
 
     def problems(self) -> list[str]:
         return (check_fields(self) + path_problems(self, "model", "a saved detector folder (see --help)")
@@ -81,9 +89,10 @@ class Prediction:
         return [self.gallery_ids[j] for j in self.scores.nearest[row]]
 
 
-def predict_folder(det: Detector, data: str | Path, threshold: float | None = None, skip_bad: bool = False
-                   ) -> Prediction:
-    """Score the real images of a test or benchmark folder, re-indexing ``det`` when its gallery differs."""
+def predict_folder(det: Detector, data: str | Path, threshold: float | None = None, skip_bad: bool = False,
+                   keep_gallery: bool = False) -> Prediction:
+    """Score the real images of a test or benchmark folder, re-indexing ``det`` when its gallery differs (unless
+    ``keep_gallery``: a stored index given on purpose)."""
     items = benchmark_items(data, skip_bad=skip_bad)
     to_score = items.to_score()
     if not to_score:
@@ -91,7 +100,7 @@ def predict_folder(det: Detector, data: str | Path, threshold: float | None = No
     images, kept, _ = fpdata.load_images(to_score, skip_bad=skip_bad)
     ids = [it.id for it in kept]
     gen_ids = [it.id for it in items.generated]
-    if gen_ids != det.gallery_ids:
+    if gen_ids != det.gallery_ids and not keep_gallery:
         log.info("re-indexing %s on the %d generated and %d real images of %s", det.name, len(gen_ids),
                  len(items.real), data)
         gen, gen_kept, _ = fpdata.load_images(items.generated, skip_bad=skip_bad)
@@ -148,9 +157,14 @@ def main(config: PredictConfig) -> Path:
     validate(config)
     out = Path(config.out)
     _check_writable(out)
-    det = load_detector(resolve_detector(config.model))
-    pred = predict_folder(det, config.data, config.threshold, config.skip_bad)
+    det_dir = resolve_detector(config.model)
+    det = load_detector(det_dir)
+    stored = use_stored_index(det, det_dir, config.index or None)
+    pred = predict_folder(det, config.data, config.threshold, config.skip_bad,
+                          keep_gallery=stored is not None and bool(config.index))
     write_prediction(pred, out, config.evidence)
+    write_audit(out, out / "scores.jsonl", config.data, labels=config.labels or None, model=det,
+                require_labels=True, command="fingerprint predict", config=to_dict(config), skip_bad=config.skip_bad)
     log.info("wrote %s (%d lines, %d predicted used)", out / "submission.csv", len(pred.ids),
              int(pred.decisions.sum()))
     return out / "submission.csv"

@@ -22,6 +22,7 @@ out-of-fold scores (first repeat) get a group-level permutation test of "no memo
 Writes to ``--out``: ``results.md`` (table), ``results.json`` (everything, per repeat), ``roc.png`` and
 ``roc_log.png`` (out-of-fold dev ROC curves), ``dev_scores.csv`` (out-of-fold dev scores of every detector),
 and for the ``--submit`` detector, fitted on all labelled dev images with its threshold from all dev labels,
+``report.html`` (the audit report of that detector's out-of-fold dev scores, :mod:`fingerprint.report`),
 ``submission.csv`` (``<id>,<0|1>`` per test image, no header: the ImageCLEF format), ``scores.csv``
 (``id,score``, higher = more likely used) and ``detector/`` (the fitted detector, for
 ``fingerprint predict --model <out>/detector``), plus ``COMMAND.md`` with the exact command and its runtime.
@@ -62,6 +63,7 @@ from fingerprint.evaluation.metrics import bootstrap_ci, format_table, resamplin
 from fingerprint.evaluation.plots import roc_plot
 from fingerprint.features.backbones import weights_file
 from fingerprint.io import write_csv_atomic, write_text_atomic
+from fingerprint.report import write_benchmark_audit
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,8 @@ FAMILIES = {
     "b": ("ssim",),
     "c": ("frozen",),
     "d": ("triplet",),
-    "e": ("pixel_mass", "subspace_mass", "gradient_nn", "domain_clf", "ab_rank", "best"),
+    "e": ("pixel_mass", "subspace_mass", "gradient_nn", "pixel_ncc_cal", "gradient_cal", "domain_clf", "ab_rank",
+          "best"),
 }
 NAMES = tuple(n for names in FAMILIES.values() for n in names)
 ALIASES = {"grad_nn": "gradient_nn"}
@@ -703,7 +706,7 @@ def main(config: BenchmarkConfig) -> dict[str, Any]:
     g = goals(runs, judged, submitted=submit_run.detector.name if submit_run else None)
 
     out.mkdir(parents=True, exist_ok=True)
-    threshold = None
+    threshold, final = None, None
     if submit_run is not None and n_test:
         final = fit_for_submission(submit_run, data, fitted)
         threshold = write_test_predictions(out, data, final)
@@ -718,6 +721,11 @@ def main(config: BenchmarkConfig) -> dict[str, Any]:
                      [(data.real_ids[j], int(y[i]), int(data.groups[j]), *(f"{r.oof[0][i]:.6g}" for r in runs))
                       for i, j in enumerate(lab)],
                      header=("id", "label", "group", *(r.detector.name for r in runs)))
+    if submit_run is not None:
+        shown = final if final is not None else submit_run.detector
+        write_benchmark_audit(out, config.data, data, submit_run.oof[0], submit_run.decisions[0], shown,
+                              signal_of(submit_run), submit_run.memorisation, threshold, command=command_line(config),
+                              config=to_dict(config), n_boot=config.n_boot, seed=config.seed)
     seconds = time.perf_counter() - t_start
     md = _markdown(config, data, runs, g, len(splits), seconds, submit_run.detector.name if submit_run else None)
     write_text_atomic(out / "results.md", md)
