@@ -76,8 +76,10 @@ __all__ = [
     "read_test_labels", "zoo_info", "content_hash", "COUNTERS",
 ]
 
-DEFAULT_CANDIDATES = "pixel_l2,pixel_ncc,pixel_mass,subspace_mass,gradient_nn,domain_clf,ssim,best"
-SIMPLICITY = ("pixel_l2", "pixel_ncc", "ssim", "pixel_mass", "subspace_mass", "gradient_nn", "frozen",
+DEFAULT_CANDIDATES = ("pixel_l2,pixel_ncc,pixel_mass,subspace_mass,gradient_nn,domain_clf,ssim,best,pixel_ncc_cal,"
+                      "gradient_cal")
+SIMPLICITY = ("pixel_l2", "pixel_ncc", "ssim", "pixel_mass", "subspace_mass", "gradient_nn", "pixel_ncc_cal",
+              "gradient_cal", "frozen",
               "domain_clf", "ab_rank", "triplet", "best")
 """Simplest first: a tie in a rule goes to the candidate earliest here (frozen_*/triplet_* by their kind)."""
 TIE = 1e-3
