@@ -46,9 +46,9 @@ class BenchScaleConfig:
     """Synthetic queries the recall is measured on."""
     hnsw_max: int = 100_000
     """Largest gallery an HNSW index is built for (its build is the slowest part on 2 cores)."""
-    data: str = "/work/shared/bench/ctbench-s0"
+    data: str = "../shared/bench/ctbench-s0"
     """Real benchmark for the embedding and scoring measurements; empty = skip them."""
-    weights: str = "/work/shared/weights/mobilenetv2_100.safetensors"
+    weights: str = "../shared/weights/mobilenetv2_100.safetensors"
     """timm weights file of the frozen kind's backbone (its stem names the timm model)."""
     image_size: int = 64
     """Input side of the frozen backbone."""

@@ -14,7 +14,6 @@ file's id is its file name without the image extension), so the service and the 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import tempfile
@@ -33,7 +32,7 @@ from fingerprint.data.imagesets import benchmark_items, pool_groups
 from fingerprint.data.thumbnails import Thumbnails, make_thumbnails
 from fingerprint.detectors import Detector, load_detector
 from fingerprint.detectors.networks import NetworkNN
-from fingerprint.index_store import use_stored_index
+from fingerprint.index_store import detector_digest, use_stored_index
 from serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -134,7 +133,7 @@ class ModelState:
     @property
     def thumbnails(self) -> Thumbnails | None:
         """Pictures of the gallery (thumbs.safetensors), or None for a detector saved without them."""
-        return getattr(self.detector, "gallery_thumbnails", None)
+        return self.detector.gallery_thumbnails
 
     def score(self, images: list[Image.Image], ids: list[str]) -> list[dict[str, Any]]:
         """One `Detector.score` call for the batch; per image its score, decision and evidence."""
@@ -152,15 +151,6 @@ class ModelState:
                             for j, v in zip(s.nearest[i], s.nearest_similarity[i], strict=True)],
             })
         return out
-
-
-def arrays_digest(path: str | Path) -> str:
-    """sha256 of a detector's arrays.safetensors (what it learnt and indexed): tells two versions apart."""
-    h = hashlib.sha256()
-    with open(Path(path) / "arrays.safetensors", "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _resolve_model(config: ServeConfig, workdir: Path) -> tuple[Path, dict[str, Any]]:
@@ -240,7 +230,7 @@ def load_state(config: ServeConfig) -> ModelState:
         # load_detector reads every array into memory, so a downloaded registry copy is not kept on disk.
         path, info = _resolve_model(config, Path(tmp))
         det = load_detector(path)
-        sha = arrays_digest(path)
+        sha = detector_digest(path)
         # The stored embeddings of `fingerprint embed` (<detector>/index), read while the folder still exists.
         stored = None if config.gallery else use_stored_index(det, path)
     if config.gallery:

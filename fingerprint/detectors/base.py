@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from fingerprint.config import ConfigError, check_fields, field_docs, from_dict, to_dict
-from fingerprint.data.thumbnails import load_thumbnails, make_thumbnails, save_thumbnails
+from fingerprint.data.thumbnails import Thumbnails, load_thumbnails, make_thumbnails, save_thumbnails
 from fingerprint.io import atomic_dir, jsonable
 
 __all__ = [
@@ -229,6 +229,8 @@ class Detector:
         self.gallery_ids: list[str] = []
         self.reference_ids: list[str] = []
         self.reference_groups: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.gallery_thumbnails: Thumbnails | None = None
+        """Small pictures of the gallery (saved as thumbs.safetensors), to show a decision's evidence."""
 
     # -- what a kind implements
 
@@ -301,7 +303,7 @@ class Detector:
             (tmp / IDS_FILE).write_text(json.dumps({
                 "gallery": self.gallery_ids, "reference": self.reference_ids,
                 "reference_groups": self.reference_groups.tolist()}))
-            if getattr(self, "gallery_thumbnails", None) is not None:
+            if self.gallery_thumbnails is not None:
                 save_thumbnails(self.gallery_thumbnails, tmp)
         return path
 
