@@ -42,9 +42,13 @@ def _watch(page: Any, log: PageLog) -> None:
             if r.status >= 400 else None)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def chromium() -> Iterator[Any]:
-    """One headless Chromium for the session (skips, naming the fix, where neither it nor Playwright exists)."""
+    """A headless Chromium for one test (skips, naming the fix, where neither it nor Playwright exists).
+
+    Per test, not per session: Playwright's sync API keeps an asyncio loop running on the main thread while it is
+    started, which would break every later test that calls ``asyncio.run`` (and a second start in another module).
+    """
     if not (shutil.which(CHROMIUM) or os.path.exists(CHROMIUM)):
         pytest.skip(f"no Chromium at {CHROMIUM}: `apt-get install chromium` (make test does) "
                     "or set FINGERPRINT_CHROMIUM")
