@@ -219,27 +219,26 @@ def provenance(command: str = "", config: Mapping[str, Any] | None = None,
 
 
 def detector_info(model: Any = None, rows: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
-    """A detector's meta as the report shows it, from a Detector, a saved detector folder, or (without either)
-    the kind and signal recorded in scores.jsonl."""
-    if model is not None and not hasattr(model, "meta"):
-        from fingerprint.detectors import is_detector_dir
-
-        folder = Path(model)
-        folder = folder if is_detector_dir(folder) else folder / "detector"
-        if not is_detector_dir(folder):
-            raise ConfigError([f"--model: {model} holds no saved detector (meta.json + arrays.safetensors)"])
-        meta = json.loads((folder / "meta.json").read_text())
-        return {"name": (meta.get("extra") or {}).get("name") or meta.get("kind"), "path": str(folder),
-                **{k: meta.get(k) for k in ("kind", "signal", "threshold", "threshold_method", "settings", "metrics",
-                                            "created_at")}}
-    if model is not None:
+    """A detector's meta as the report shows it, from a Detector, a saved detector folder (or the run folder
+    holding it), or (without either) the kind and signal recorded in scores.jsonl."""
+    if model is None:
+        first = rows[0] if rows else {}
+        return {"name": first.get("kind", "unknown detector"), "kind": first.get("kind", "?"),
+                "signal": first.get("signal", "per_image")}
+    where: dict[str, Any] = {}
+    if hasattr(model, "meta"):
         m = model.meta
-        return {"name": m.name, "kind": m.kind, "signal": m.signal, "threshold": m.threshold,
-                "threshold_method": m.threshold_method, "settings": m.settings, "metrics": m.metrics,
-                "created_at": m.created_at}
-    first = rows[0] if rows else {}
-    return {"name": first.get("kind", "unknown detector"), "kind": first.get("kind", "?"),
-            "signal": first.get("signal", "per_image")}
+    else:  # only the metadata is needed: the arrays are not loaded
+        from fingerprint.commands.predict import resolve_detector
+        from fingerprint.config import from_dict
+        from fingerprint.detectors.base import META_FILE, DetectorMeta
+
+        folder = resolve_detector(model)
+        m = from_dict(DetectorMeta, json.loads((folder / META_FILE).read_text()))
+        where = {"path": str(folder)}
+    return {"name": m.name, **where, "kind": m.kind, "signal": m.signal, "threshold": m.threshold,
+            "threshold_method": m.threshold_method, "settings": m.settings, "metrics": m.metrics,
+            "created_at": m.created_at}
 
 
 # ------------------------------------------------------------------------------------------------- folders
