@@ -95,9 +95,8 @@ def race_threads(uri: str, name: str, candidates: list[str], lock_timeout: float
         t.start()
     for t in threads:
         t.join(JOIN_S)
-    hung = [v for v, t in zip(candidates, threads, strict=True) if t.is_alive()]
-    return [results.get(v, TimeoutError(f"promoter of version {v} hung")) if v not in hung
-            else TimeoutError(f"promoter of version {v} hung") for v in candidates]
+    return [TimeoutError(f"promoter of version {v} hung") if t.is_alive() or v not in results else results[v]
+            for v, t in zip(candidates, threads, strict=True)]
 
 
 def race_problems(uri: str, name: str, versions: list[str], applied: list[tuple[str | None, str]],
