@@ -12,6 +12,7 @@ answer comes back short (fewer than k hits in the probed cells) is answered exac
 row holds k real gallery rows.
 
 Similarities are "higher = closer" for every metric: cosine similarity, or the negative squared L2 distance.
+:class:`SSIMGallery` answers the same ``search`` for SSIM, which compares image pairs and has no embedding.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ Metric = Literal["cosine", "l2"]
 Search = Literal["exact", "ivf", "hnsw"]
 SEARCHES: tuple[str, ...] = ("exact", "ivf", "hnsw")
 
-__all__ = ["ApproximateSettings", "Gallery", "Metric", "SEARCHES", "Search", "unit_rows", "topk_mean"]
+__all__ = ["ApproximateSettings", "Gallery", "Metric", "SEARCHES", "SSIMGallery", "Search", "unit_rows", "topk_mean"]
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -239,4 +240,51 @@ class Gallery:
                 best_s, best_i = keep.values, torch.gather(merged_i, 1, keep.indices)
             sims_out[q0 : q0 + qb.shape[0]] = best_s.float().numpy()
             idx_out[q0 : q0 + qb.shape[0]] = best_i.numpy()
+        return sims_out, idx_out
+
+
+class SSIMGallery:
+    """Images searched by structural similarity (mean SSIM); the same ``search`` as :class:`Gallery`.
+
+    SSIM is a function of an image pair, not of two vectors, so there is no index: each query block's SSIM with
+    the whole gallery is computed (``fingerprint.features.handcrafted.ssim_matrix``) and its top-k kept. Query
+    blocks hold at most ``block_elements`` pair values, so memory is bounded by the block, not the query count.
+    """
+
+    metric = "ssim"
+
+    def __init__(self, pixels: np.ndarray, *, block_elements: int = 1 << 22) -> None:
+        p = np.asarray(pixels, dtype=np.float32)
+        if p.ndim != 3 or len(p) == 0:
+            raise ValueError(f"an SSIM gallery needs a non-empty (N, H, W) array of images, got shape {p.shape}")
+        self.pixels = p
+        self.block_elements = block_elements
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, indices), each (N, k), most similar first; ``exclude``: a gallery row per query to skip,
+        or -1."""
+        from fingerprint.features.handcrafted import ssim_matrix
+
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim != 3 or q.shape[1:] != self.pixels.shape[1:]:
+            raise ValueError(f"queries of shape {q.shape} do not match the gallery's images {self.pixels.shape[1:]}")
+        k = min(int(k), len(self) - (1 if exclude is not None and np.any(np.asarray(exclude) >= 0) else 0))
+        if k < 1:
+            raise ValueError("the gallery must hold at least one image other than the query itself")
+        step = max(1, self.block_elements // len(self))
+        sims_out = np.empty((len(q), k), dtype=np.float32)
+        idx_out = np.empty((len(q), k), dtype=np.int64)
+        for q0 in range(0, len(q), step):
+            sim = ssim_matrix(q[q0:q0 + step], self.pixels)
+            if exclude is not None:
+                rows = np.asarray(exclude[q0:q0 + step], dtype=np.int64)
+                hit = np.flatnonzero(rows >= 0)
+                sim[hit, rows[hit]] = -np.inf
+            idx = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+            sims_out[q0:q0 + len(sim)] = np.take_along_axis(sim, idx, axis=1)
+            idx_out[q0:q0 + len(sim)] = idx
         return sims_out, idx_out

@@ -53,9 +53,10 @@ def test_benchmark_end_to_end(sample_bench: Path, data: FitData, tmp_path: Path)
     res = json.loads((out / "results.json").read_text())
     names = [d["name"] for d in res["detectors"]]
     assert names == ["pixel_l2", "pixel_ncc", "ssim", "frozen_resnet18", "triplet_resnet18", "pixel_mass",
-                     "subspace_mass", "gradient_nn", "pixel_ncc_cal", "gradient_cal", "domain_clf", "ab_rank", "best"]
+                     "subspace_mass", "gradient_nn", "pixel_ncc_cal", "gradient_cal", "ssim_cal", "cal_ensemble",
+                     "domain_clf", "ab_rank", "best"]
     by_name = {d["name"]: d for d in res["detectors"]}
-    assert [by_name[n]["family"] for n in names] == list("aabcdeeeeeeee")
+    assert [by_name[n]["family"] for n in names] == list("aabcdeeeeeeeeee")
     assert by_name["triplet_resnet18"]["kind"] == "triplet" and by_name["pixel_mass"]["kind"] == "pixel"
     assert by_name["domain_clf"]["signal"] == "distribution" and by_name["pixel_l2"]["signal"] == "per_image"
     assert by_name["ab_rank"]["signal"] == "mixed (domain_clf)"
@@ -165,7 +166,7 @@ def test_problems_name_the_flags(tmp_path: Path) -> None:
         assert expected in text, expected
     assert BenchmarkConfig(detectors="a, e").requested() == [
         "pixel_l2", "pixel_ncc", "pixel_mass", "subspace_mass", "gradient_nn", "pixel_ncc_cal", "gradient_cal",
-        "domain_clf", "ab_rank", "best"]
+        "ssim_cal", "cal_ensemble", "domain_clf", "ab_rank", "best"]
     # The old name of gradient_nn is still accepted.
     old = BenchmarkConfig(data=str(tmp_path), detectors="grad_nn,domain_clf", submit="grad_nn")
     assert old.requested() == ["gradient_nn", "domain_clf"] and old.problems() == []

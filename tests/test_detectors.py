@@ -25,7 +25,7 @@ from fingerprint.detectors import (
     load_detector,
 )
 from fingerprint.evaluation.metrics import roc_auc
-from fingerprint.features.handcrafted import gradient_features, images_to_array
+from fingerprint.features.handcrafted import gradient_features, images_to_array, ssim_matrix
 
 NET = {"backbone": "resnet18", "weights": "none", "image_size": 32, "device": "cpu"}
 SMALL: dict[str, dict] = {
@@ -220,8 +220,26 @@ def test_calibration_subtracts_the_nearest_real_images_of_other_patients(data: F
     assert alone == pytest.approx(np.sort(sim[0])[::-1][:3].mean(), abs=1e-5)
 
 
+def test_ssim_calibration_subtracts_the_best_ssim_with_other_patients(data: FitData, tmp_path: Path) -> None:
+    """SSIM has no embedding: the calibrated kind searches the reference pool by SSIM itself (brute force here)."""
+    d = create_detector("calibrated", {"features": "ssim", "k": 1, "image_size": 32})
+    d.fit(data)
+    s = d.score(data.real, data.real_ids)
+    px = d.inner.features(data.real)
+    rr = ssim_matrix(px, px)
+    groups = np.asarray(data.groups)
+    expected = [rr[i][groups != groups[i]].max() for i in range(len(px))]
+    np.testing.assert_allclose(s.real_similarity, expected, atol=1e-5)
+    gen = ssim_matrix(px, d.inner.features(data.generated)).max(axis=1)
+    np.testing.assert_allclose(s.generated_similarity, gen, atol=1e-5)
+    np.testing.assert_allclose(s.score, gen - np.asarray(expected), atol=1e-5)
+    # Saved and loaded, it scores the same.
+    back = load_detector(d.save(tmp_path / "ssim_cal"))
+    np.testing.assert_allclose(back.score(data.real, data.real_ids).score, s.score, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["pixel_ncc", "subspace_mass", "gradient_nn", "domain_clf", "ssim", "ab_rank",
-                                  "gradient_cal"])
+                                  "gradient_cal", "ssim_cal", "cal_ensemble"])
 def test_an_image_scores_the_same_alone_as_in_a_batch(name: str, data: FitData) -> None:
     kind_name, settings = PRESETS[name]
     d = create_detector(kind_name, {**settings, **({"image_size": 32} if "members" not in settings else {})})

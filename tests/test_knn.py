@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fingerprint.knn import ApproximateSettings, Gallery, topk_mean, unit_rows
+from fingerprint.features.handcrafted import ssim_matrix
+from fingerprint.knn import ApproximateSettings, Gallery, SSIMGallery, topk_mean, unit_rows
 
 
 def _brute(gallery: np.ndarray, queries: np.ndarray, metric: str, k: int,
@@ -201,3 +202,22 @@ def test_approximate_index_round_trip(tmp_path) -> None:  # noqa: ANN001
         Gallery(vectors, "l2").write_index(tmp_path / "x.faiss")
     with pytest.raises(ValueError, match="search"):
         Gallery(vectors, "l2", search="lsh")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("block_elements", [1 << 22, 40])
+def test_ssim_search_equals_the_full_ssim_matrix(block_elements: int) -> None:
+    """Blocks of queries (40 pair values = 2 queries against 20 images) give what the whole matrix gives."""
+    rng = np.random.default_rng(3)
+    gallery, queries = rng.random((20, 16, 16)), rng.random((7, 16, 16))
+    g = SSIMGallery(gallery, block_elements=block_elements)
+    full = ssim_matrix(queries, gallery)
+    sims, idx = g.search(queries, 3)
+    np.testing.assert_array_equal(idx, np.argsort(-full, axis=1, kind="stable")[:, :3])
+    np.testing.assert_allclose(sims, np.sort(full, axis=1)[:, ::-1][:, :3], rtol=1e-6)
+    # A set searched against itself: each image's own row is skipped, not matched with SSIM 1.
+    sims, idx = g.search(gallery[:5], 2, exclude=np.array([0, 1, 2, 3, -1]))
+    assert all(i not in row for i, row in zip(range(4), idx[:4], strict=True)) and idx[4, 0] == 4
+    with pytest.raises(ValueError, match="do not match"):
+        g.search(rng.random((2, 8, 8)), 1)
+    with pytest.raises(ValueError, match="non-empty"):
+        SSIMGallery(np.zeros((0, 16, 16)))

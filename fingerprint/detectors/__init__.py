@@ -37,6 +37,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "gradient_nn": ("gradient", {"k": 10}),
     "pixel_ncc_cal": ("calibrated", {"features": "pixel_ncc", "k": 1}),
     "gradient_cal": ("calibrated", {"features": "gradient", "k": 10}),
+    "ssim_cal": ("calibrated", {"features": "ssim", "k": 1}),
+    "cal_ensemble": ("rank_ensemble", {"members": "gradient_cal,pixel_ncc_cal,ssim_cal"}),
     "domain_clf": ("domain", {}),
     "ssim": ("ssim", {}),
     "ab_rank": ("rank_ensemble", {"members": "gradient_nn,domain_clf"}),

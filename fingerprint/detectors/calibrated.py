@@ -20,7 +20,8 @@ from PIL import Image
 from fingerprint.config import Range
 from fingerprint.detectors.base import Detector, Scores, create_detector, register
 from fingerprint.detectors.neighbours import FeatureNN
-from fingerprint.knn import Gallery, topk_mean
+from fingerprint.detectors.ssim import SSIMNN
+from fingerprint.knn import Gallery, SSIMGallery, topk_mean
 
 __all__ = ["CalibratedNN"]
 
@@ -28,13 +29,15 @@ BASES: dict[str, tuple[str, dict]] = {
     "pixel_ncc": ("pixel", {"metric": "ncc"}),
     "pixel_l2": ("pixel", {"metric": "l2"}),
     "gradient": ("gradient", {}),
+    "ssim": ("ssim", {}),
 }
 
 
 @dataclass
 class CalibratedSettings:
-    features: Literal["pixel_ncc", "pixel_l2", "gradient"] = "gradient"
-    """Feature map and similarity: pixel NCC, pixel L2 or Sobel-gradient NCC (as the kinds of those names)."""
+    features: Literal["pixel_ncc", "pixel_l2", "gradient", "ssim"] = "gradient"
+    """Feature map and similarity: pixel NCC, pixel L2, Sobel-gradient NCC or SSIM (as the kinds of those
+    names)."""
     image_size: Annotated[int, Range(8)] = 64
     """Side in pixels every image is resized to before its features are taken."""
     k: Annotated[int, Range(1)] = 10
@@ -52,9 +55,10 @@ class CalibratedNN(Detector):
     def __init__(self, settings) -> None:  # noqa: ANN001
         super().__init__(settings)
         kind, base = BASES[settings.features]
-        self.inner: FeatureNN = create_detector(kind, {**base, "image_size": settings.image_size, "k": settings.k})
+        self.inner: FeatureNN | SSIMNN = create_detector(kind, {**base, "image_size": settings.image_size,
+                                                                 "k": settings.k})
         self._reference_features: np.ndarray | None = None
-        self.reference: Gallery | None = None
+        self.reference: Gallery | SSIMGallery | None = None
 
     def index(self, generated, generated_ids, reference, reference_ids, reference_groups=None,  # noqa: ANN001
               progress: bool = False) -> None:
@@ -65,7 +69,8 @@ class CalibratedNN(Detector):
 
     def _set_reference_features(self, vectors: np.ndarray) -> None:
         self._reference_features = np.asarray(vectors, dtype=np.float32)
-        self.reference = Gallery(self._reference_features, self.inner.metric)
+        self.reference = (SSIMGallery(self._reference_features) if self.inner.metric == "ssim"
+                          else Gallery(self._reference_features, self.inner.metric))
 
     def real_similarity(self, features: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """(N,) mean similarity to the k nearest reference images outside each query's group (``rows``: the

@@ -18,6 +18,7 @@ from fingerprint.config import Range
 from fingerprint.detectors.base import Detector, Scores, register
 from fingerprint.evaluation.thresholds import best_f1_threshold, threshold_real_to_real
 from fingerprint.features.handcrafted import images_to_array, ssim_matrix
+from fingerprint.knn import SSIMGallery, topk_mean
 
 __all__ = ["SSIMNN"]
 
@@ -39,20 +40,22 @@ class SSIMNN(Detector):
 
     Settings = SSIMSettings
     family = "b"
+    metric = "ssim"
 
     def __init__(self, settings) -> None:  # noqa: ANN001
         super().__init__(settings)
-        self.gallery = np.zeros((0, 0, 0), dtype=np.float32)
+        self.gallery: SSIMGallery | None = None
         self.real_to_real = np.zeros(0)
 
-    def _pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
+    def features(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(N, side, side) float pixels in [0, 1]: what SSIM compares."""
         return images_to_array(images, self.settings.image_size)
 
     def index(self, generated, generated_ids, reference, reference_ids, reference_groups=None,  # noqa: ANN001
               progress: bool = False) -> None:
-        self.gallery, self.gallery_ids = self._pixels(generated), list(generated_ids)
+        self.gallery, self.gallery_ids = SSIMGallery(self.features(generated)), list(generated_ids)
         self._set_reference(reference_ids, reference_groups)
-        ref = self._pixels(reference)
+        ref = self.features(reference)
         rr = ssim_matrix(ref, ref)
         same = self.reference_groups[:, None] == self.reference_groups[None, :]
         np.fill_diagonal(rr, -np.inf)
@@ -61,12 +64,11 @@ class SSIMNN(Detector):
         self.real_to_real = np.where(np.isfinite(outside), outside, rr.max(axis=1))
 
     def score(self, images: Sequence[Image.Image], ids: Sequence[str] | None = None) -> Scores:
-        sim = ssim_matrix(self._pixels(images), self.gallery, progress=None)
-        k = min(self.settings.k, sim.shape[1])
-        idx = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-        sims = np.take_along_axis(sim, idx, axis=1).astype(np.float32)
-        s = sims.astype(np.float64).mean(axis=1)
-        return Scores(s, idx.astype(np.int64), sims, generated_similarity=s)
+        if self.gallery is None:
+            raise RuntimeError(f"{self.kind}: fit or load the detector before scoring")
+        sims, idx = self.gallery.search(self.features(images), self.settings.k)
+        s = topk_mean(sims)
+        return Scores(s, idx, sims, generated_similarity=s)
 
     def choose_threshold(self, labels: np.ndarray, scores: Scores, method: str, target_fpr: float) -> float:
         if method != "max_f1":
@@ -76,7 +78,8 @@ class SSIMNN(Detector):
         return best_f1_threshold(labels, scores.score, cands)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"gallery": self.gallery, "real_to_real": self.real_to_real}
+        return {"gallery": self.gallery.pixels if self.gallery is not None else np.zeros((0, 0, 0), np.float32),
+                "real_to_real": self.real_to_real}
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        self.gallery, self.real_to_real = arrays["gallery"], arrays["real_to_real"]
+        self.gallery, self.real_to_real = SSIMGallery(arrays["gallery"]), arrays["real_to_real"]

@@ -72,8 +72,8 @@ FAMILIES = {
     "b": ("ssim",),
     "c": ("frozen",),
     "d": ("triplet",),
-    "e": ("pixel_mass", "subspace_mass", "gradient_nn", "pixel_ncc_cal", "gradient_cal", "domain_clf", "ab_rank",
-          "best"),
+    "e": ("pixel_mass", "subspace_mass", "gradient_nn", "pixel_ncc_cal", "gradient_cal", "ssim_cal", "cal_ensemble",
+          "domain_clf", "ab_rank", "best"),
 }
 NAMES = tuple(n for names in FAMILIES.values() for n in names)
 ALIASES = {"grad_nn": "gradient_nn"}
