@@ -95,6 +95,22 @@ def test_outputs_and_leave_one_out(first) -> None:
         assert text in md
     # The strongly memorising benchmark is easy: some candidate separates its test images well.
     assert rows["m095"]["hindsight_best_test_auc"] > 0.8
+    # Goals: one record per benchmark and goal that applies, each the comparison it names.
+    goals = res["goals"]
+    for r in rows.values():
+        assert 0 <= r["test_tpr_at_1fpr"] <= 1 and 0 < r["dev_memorisation_p"] <= 1
+        mine = {g["goal"]: g for g in goals if g["benchmark"] == r["benchmark"]}
+        strong = r["best_baseline_test_auc"] >= suite.STRONG_BASELINE
+        margin = next(g for name, g in mine.items() if name.startswith("test AUC >= best baseline"))
+        assert margin["target"] == pytest.approx(r["best_baseline_test_auc"] + (0 if strong else suite.AHEAD))
+        assert margin["met"] == (r["test_auc"] >= margin["target"])
+        assert (f"test TPR at 1% FPR >= {suite.STRONG_TPR}" in mine) == strong
+        assert mine[f"test AUC >= {suite.FLOOR}"]["met"] == (r["test_auc"] >= suite.FLOOR)
+        no_signal = [g for name, g in mine.items() if name.startswith("no signal on test")]
+        assert bool(no_signal) == (not r["signal_on_test"])
+        for g in no_signal:
+            assert g["value"] == r["dev_memorisation_p"] and g["met"] == (g["value"] > 0.05)
+    assert "Goals, per held-out benchmark" in md and "memorisation p (dev)" in md
 
 
 def test_benchmarks_sharing_a_split_are_held_out_together(benches, tmp_path) -> None:
