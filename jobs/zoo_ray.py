@@ -45,6 +45,8 @@ class ZooRayConfig:
     """Folder for the benchmarks (<out>/<entry name>/); shared storage on a cluster."""
     only: str = ""
     """Comma-separated entry names to build (default: every entry)."""
+    reseed: Annotated[int, Range(0)] = 0
+    """Add this to every entry's seed, for a fresh draw of the same suite (see `fingerprint zoo --reseed`)."""
     cpus_per_task: Annotated[float, Range(0, lo_open=True)] = 1.0
     """CPUs reserved per generator task (torch uses as many threads)."""
     tracking_uri: str = "sqlite:///mlflow.db"
@@ -58,14 +60,14 @@ class ZooRayConfig:
         return check_fields(self) + path_problems(self, "spec", "a suite spec such as benchmarks/zoo/suite.yaml")
 
 
-def build_entry(spec: str, name: str, out: str) -> dict[str, Any]:
+def build_entry(spec: str, name: str, out: str, reseed: int = 0) -> dict[str, Any]:
     """Build one entry of the suite (what each Ray task runs), or read it back if already built; its zoo.json."""
     from fingerprint.zoo.build import build_benchmark, built_as, load_suite
 
     suite = load_suite(spec)
     entry = next(e for e in suite.entries if e.name == name)
     target = Path(out) / name
-    build = suite.build_settings(entry)
+    build = suite.build_settings(entry, reseed)
     kept = built_as(target, entry.family, entry.settings, build)
     if kept is not None:
         return kept
@@ -74,12 +76,12 @@ def build_entry(spec: str, name: str, out: str) -> dict[str, Any]:
 
 
 @ray.remote(num_cpus=1, max_retries=1)
-def build_task(spec: str, name: str, out: str, threads: int) -> dict[str, Any]:
+def build_task(spec: str, name: str, out: str, threads: int, reseed: int = 0) -> dict[str, Any]:
     """`build_entry` as a Ray task, with torch limited to the CPUs the task reserved."""
     import torch
 
     torch.set_num_threads(max(1, threads))
-    return build_entry(spec, name, out)
+    return build_entry(spec, name, out, reseed)
 
 
 def sample_grid(folder: Path, path: Path, n: int = 64) -> Path:
@@ -155,7 +157,8 @@ def main(config: ZooRayConfig) -> list[dict[str, Any]]:
         config.tracking_uri = resolve_tracking_uri(config.tracking_uri)
     init_ray()
     threads = max(1, int(config.cpus_per_task))
-    refs = {n: build_task.options(num_cpus=config.cpus_per_task).remote(spec, n, str(out), threads) for n in chosen}
+    refs = {n: build_task.options(num_cpus=config.cpus_per_task).remote(spec, n, str(out), threads, config.reseed)
+            for n in chosen}
     rows = []
     for name, ref in refs.items():
         record = ray.get(ref)

@@ -245,6 +245,11 @@ entries:
     assert (tmp_path / "out/a/zoo.json").stat().st_mtime_ns != stamp
     with pytest.raises(ConfigError, match="--only"):
         build_suite(spec, tmp_path / "out", only=["zzz"])
+    # A fresh draw (--reseed): every entry's seed moves by the same amount, so other splits of the pool.
+    (fresh,) = build_suite(spec, tmp_path / "draw2", only=["a"], reseed=10)
+    assert fresh["seed"] == 11 and json.loads((tmp_path / "draw2/suite.json").read_text())["reseed"] == 10
+    members = json.loads((tmp_path / "out/a/split.json").read_text())["members"]
+    assert sorted(members) != sorted(json.loads((tmp_path / "draw2/a/split.json").read_text())["members"])
 
 
 @pytest.mark.parametrize("entry, expected", [

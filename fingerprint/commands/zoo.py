@@ -16,9 +16,9 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fingerprint.config import check_fields, flag, subset, validate
+from fingerprint.config import Range, check_fields, flag, subset, validate
 from fingerprint.zoo.build import BuildSettings, build_benchmark, build_suite
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ class ZooConfig(BuildSettings):
     flags are then taken from it."""
     only: str = ""
     """With --spec: comma-separated entry names to build (default: all)."""
+    reseed: Annotated[int, Range(0)] = 0
+    """With --spec: add this to every entry's seed, for a fresh draw of the same suite (other splits, other
+    generators) to report on after choosing on the first; 0 = the spec's seeds."""
     overwrite: bool = False
     """Replace an existing --out (with --spec: rebuild entries already built; otherwise they are kept)."""
     progress: bool = True
@@ -91,7 +94,7 @@ def main(config: ZooConfig) -> Path:
     if config.spec:
         records = build_suite(config.spec, config.out, pool=config.pools() or None,
                               only=[s.strip() for s in config.only.split(",") if s.strip()],
-                              overwrite=config.overwrite, progress=config.progress)
+                              overwrite=config.overwrite, progress=config.progress, reseed=config.reseed)
         for r in records:
             log.info("%s (%s): %d members, fit %.0f s, NN-L2 AUC dev %.3f test %.3f", r["name"], r["family"],
                      r["counts"]["members"], r["timing"]["fit_s"], r["checks"]["nn_l2_auc_dev"],

@@ -463,8 +463,11 @@ def built_as(target: Path, family_name: str, settings: dict[str, Any], build: Bu
 
 
 def build_suite(spec: str | Path, out: str | Path, *, pool: Sequence[str] | None = None, only: Sequence[str] = (),
-                overwrite: bool = False, progress: bool = False) -> list[dict[str, Any]]:
+                overwrite: bool = False, progress: bool = False, reseed: int = 0) -> list[dict[str, Any]]:
     """Build every entry of the suite ``spec`` (or those named in ``only``) into ``out/<name>/``.
+
+    ``reseed`` is added to every entry's seed: a fresh draw of the same suite (other splits of the pool, other
+    generator weights and samples) to report on after choices were made on the first.
 
     Entries whose folder already holds a zoo.json are kept (resumable) unless ``overwrite``. Pools are loaded
     once per distinct (pool, image size, grouping threshold). Writes ``out/suite.json`` with one line per entry.
@@ -483,7 +486,7 @@ def build_suite(spec: str | Path, out: str | Path, *, pool: Sequence[str] | None
     records = []
     for entry in entries:
         target = out / entry.name
-        build = suite.build_settings(entry)
+        build = suite.build_settings(entry, reseed)
         kept = built_as(target, entry.family, entry.settings, build)
         if kept is not None and not overwrite:
             log.info("%s: %s is built with these settings, kept (pass --overwrite to rebuild)", entry.name, target)
@@ -500,5 +503,6 @@ def build_suite(spec: str | Path, out: str | Path, *, pool: Sequence[str] | None
             raise ConfigError([f"entry {entry.name}: {p}" for p in e.problems]) from e
     summary = [{"name": r["name"], "family": r["family"], "members": r["counts"]["members"],
                 "fit_s": r["timing"]["fit_s"], "total_s": r["timing"]["total_s"], **r["checks"]} for r in records]
-    write_text_atomic(out / "suite.json", json.dumps({"spec": str(spec), "entries": summary}, indent=1) + "\n")
+    write_text_atomic(out / "suite.json", json.dumps({"spec": str(spec), "reseed": reseed, "entries": summary},
+                                                     indent=1) + "\n")
     return records

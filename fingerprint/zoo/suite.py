@@ -53,9 +53,11 @@ class Suite(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     entries: list[SuiteEntry] = Field(min_length=1)
 
-    def build_settings(self, entry: SuiteEntry) -> BuildSettings:
+    def build_settings(self, entry: SuiteEntry, reseed: int = 0) -> BuildSettings:
+        """The entry's build settings over the defaults; ``reseed`` is added to its seed (a fresh draw)."""
         own = {k: getattr(entry, k) for k in _BUILD_FIELDS if getattr(entry, k) is not None}
-        return from_dict(BuildSettings, {**self.defaults, **own})
+        build = from_dict(BuildSettings, {**self.defaults, **own})
+        return dataclasses.replace(build, seed=build.seed + reseed)
 
     def pool_paths(self, entry: SuiteEntry, base: Path) -> list[str]:
         return [str(p if Path(p).is_absolute() else base / p) for p in (entry.pool or self.pool)]
