@@ -44,7 +44,7 @@ class BenchScaleConfig:
     """Dimension of the synthetic embeddings."""
     queries: int = 256
     """Synthetic queries the recall is measured on."""
-    hnsw_max: int = 100_000
+    hnsw_max: int = 1_000_000
     """Largest gallery an HNSW index is built for (its build is the slowest part on 2 cores)."""
     data: str = "../shared/bench/ctbench-s0"
     """Real benchmark for the embedding and scoring measurements; empty = skip them."""
@@ -239,7 +239,7 @@ def bench_images(config: BenchScaleConfig, work: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         got, first = [], None
         for _ids, vectors in embed_ray.embed_stream(str(det_dir), work_items, batch_size=64, workers=workers,
-                                                    cpus_per_worker=0.75, gpus=False):
+                                                    cpus_per_worker=1.0, gpus=False):
             got.append(vectors)
             if first is None:
                 first = (time.perf_counter(), len(vectors))

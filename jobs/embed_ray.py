@@ -4,8 +4,8 @@ as a Ray Data job, and store the embeddings and a search index beside the detect
     fingerprint embed --model runs/frozen --data /data/ctbench                 # exact search (default)
     fingerprint embed --model runs/frozen --data /data/ctbench --approximate ivf --out /nfs/index
 
-The image files are read as a stream (`ray.data.read_binary_files`), decoded and embedded in batches by a pool
-of actors that each load the detector once (one GPU per actor where the cluster has GPUs, else CPU actors), and
+The image files are listed as a Ray Dataset and streamed through a pool of actors that each load the detector
+once and read, decode and embed their batches (one GPU per actor where the cluster has GPUs, else CPU actors), and
 the embeddings come back to the driver in order and are written in `.npy` shards of --shard-rows as they arrive:
 no process ever holds all images, and the driver holds only the finished embeddings while building an
 approximate index. The result is a stored index (`fingerprint.index_store`) in `<detector>/index` (or --out),
@@ -37,9 +37,6 @@ from fingerprint.config import ConfigError, Range, check_fields, flag, validate
 log = logging.getLogger(__name__)
 
 NONE = "none"
-READ_CPUS = 0.25
-"""CPUs a file-reading task reserves: reading is I/O, and the actors must leave room for it (actors holding every
-CPU would starve the reads and stall the pipeline)."""
 INDEX_TAG = "fingerprint.index"
 """Model-version tag recording the stored index a version made (JSON: path, manifest sha256, size, search)."""
 
@@ -70,19 +67,35 @@ def decode(data: bytes, path: str) -> Any:
                                    "pass --skip-bad to leave it out") from e
 
 
-def read_images(paths: list[str], workers: int = 1) -> Any:
-    """A Ray Dataset streaming the files' bytes with their paths (columns `bytes`, `path`), in the given order."""
+def read_image(path: str) -> Any:
+    """The image file at ``path`` (a path every node of the cluster can read), decoded as :func:`decode` does."""
+    from fingerprint.data.images import DataError
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e}); pass --skip-bad to leave it out") from e
+    return decode(data, path)
+
+
+def listing(items: list[Any], workers: int = 1) -> Any:
+    """A Ray Dataset of the images' paths and ids (columns `path`, `id`), in the given order.
+
+    Only the listing is a dataset: each actor reads and decodes its batch's files itself, as the offline forward
+    pass does. Reading them in separate read tasks measured slower here (the bytes then travel through the
+    object store to the actors, and the read tasks compete with the actors for the same cores).
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # ids then come back in the order they were listed
     ctx.enable_progress_bars = False
-    return ray.data.read_binary_files(paths, include_paths=True, num_cpus=READ_CPUS,
-                                      override_num_blocks=blocks(len(paths), workers))
+    rows = [{"path": str(Path(it.path).resolve()), "id": it.id} for it in items]
+    return ray.data.from_items(rows, override_num_blocks=blocks(len(rows), workers))
 
 
 def blocks(n: int, workers: int) -> int:
-    """Read blocks: a few per actor so every actor gets work, about 64 files each on large sets."""
+    """Listing blocks: a few per actor so every actor gets work, about 64 files each on large sets."""
     return max(1, min(n, max(4 * workers, min(n // 64, 2000))))
 
 
@@ -98,31 +111,27 @@ def pool_args(workers: int, cpus_per_worker: float, gpus: bool | None = None) ->
 
 
 class Embedder:
-    """One actor of the pool: loads the detector once, then embeds batches of image files."""
+    """One actor of the pool: loads the detector once, then reads, decodes and embeds batches of image files."""
 
-    def __init__(self, detector_dir: str, ids: Any, skip_bad: bool = False) -> None:
-        """``ids``: path -> image id, or an ObjectRef of it (put once, shared by every actor)."""
-        import ray
-
+    def __init__(self, detector_dir: str, skip_bad: bool = False) -> None:
         from fingerprint.detectors import load_detector
 
         self.det = load_detector(detector_dir)
-        self.ids: dict[str, str] = ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids
         self.skip_bad = skip_bad
 
     def images(self, batch: dict[str, np.ndarray]) -> tuple[list[str], list[Any]]:
         from fingerprint.data.images import DataError
 
         ids, images = [], []
-        for data, path in zip(batch["bytes"], batch["path"], strict=True):
+        for path, image_id in zip(batch["path"], batch["id"], strict=True):
             try:
-                images.append(decode(bytes(data), str(path)))
+                images.append(read_image(str(path)))
             except DataError:
                 if not self.skip_bad:
                     raise
                 log.warning("skipped unreadable %s", path)
                 continue
-            ids.append(self.ids[_key(str(path))])
+            ids.append(str(image_id))
         return ids, images
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -133,21 +142,11 @@ class Embedder:
         return {"id": np.asarray(ids, dtype=object), "embedding": vectors}
 
 
-def _key(path: str) -> str:
-    """Paths as Ray reports them (no scheme, absolute) to look ids up by."""
-    return str(Path(path.split("://", 1)[-1]).resolve())
-
-
 def embed_stream(detector_dir: str, items: list[Any], *, batch_size: int, workers: int, cpus_per_worker: float,
                  skip_bad: bool = False, gpus: bool | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
     """(ids, embeddings) batches of `items` (ImageItems), in their order, embedded by a Ray Data actor pool."""
-    import ray
-
-    paths = [str(Path(it.path).resolve()) for it in items]
-    ids_ref = ray.put({p: it.id for p, it in zip(paths, items, strict=True)})
-    ds = read_images(paths, workers).map_batches(
-        Embedder, fn_constructor_kwargs={"detector_dir": str(Path(detector_dir).resolve()), "ids": ids_ref,
-                                         "skip_bad": skip_bad},
+    ds = listing(items, workers).map_batches(
+        Embedder, fn_constructor_kwargs={"detector_dir": str(Path(detector_dir).resolve()), "skip_bad": skip_bad},
         batch_size=batch_size, batch_format="numpy", **pool_args(workers, cpus_per_worker, gpus))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         if len(batch["id"]):
@@ -171,8 +170,8 @@ class EmbedConfig:
     """Images per batch an actor embeds."""
     workers: Annotated[int, Range(1)] = 2
     """Actors embedding in parallel (each loads the detector once; one GPU each where there are GPUs)."""
-    cpus_per_worker: Annotated[float, Range(0, lo_open=True)] = 0.75
-    """CPUs reserved per CPU actor; workers x this must leave room for the reading tasks (0.25 CPU each)."""
+    cpus_per_worker: Annotated[float, Range(0, lo_open=True)] = 1.0
+    """CPUs reserved per CPU actor (each reads, decodes and embeds its own batches)."""
     gpu: Literal["auto", "yes", "no"] = "auto"
     """'auto': GPU actors when the cluster has GPUs; 'no' forces CPU actors."""
     shard_rows: Annotated[int, Range(1)] = 65536

@@ -3,8 +3,8 @@
     fingerprint score-ray --model runs/frozen --data /data/ctbench --out runs/score
     fingerprint score-ray --model runs/frozen --data /data/ctbench --index /nfs/index --workers 8
 
-The real images `fingerprint predict` would score (a test set's real_unknown/, else every real image) are read
-as a stream (`ray.data.read_binary_files`) and scored in batches by a pool of actors, each of which loads the
+The real images `fingerprint predict` would score (a test set's real_unknown/, else every real image) are listed
+as a Ray Dataset and read and scored in batches by a pool of actors, each of which loads the
 detector and its stored gallery index once (`fingerprint embed`; one GPU per actor where there are GPUs). Each
 batch is one `Detector.score(images, ids)` call, the call `predict` makes, so the numbers are the same. The
 driver writes what `predict` writes: `submission.csv` (ImageCLEF), `scores.csv` and `scores.jsonl`.
@@ -21,13 +21,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 
 from fingerprint.commands.cli import Command
 from fingerprint.config import ConfigError, Range, check_fields, flag, validate
-from jobs.embed_ray import Embedder, pool_args, read_images
+from jobs.embed_ray import Embedder, listing, pool_args
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,10 @@ log = logging.getLogger(__name__)
 class Scorer(Embedder):
     """One actor of the pool: the detector with its gallery (stored index or its own), scoring image batches."""
 
-    def __init__(self, detector_dir: str, ids: Any, index: str = "", skip_bad: bool = False) -> None:
+    def __init__(self, detector_dir: str, index: str = "", skip_bad: bool = False) -> None:
         from fingerprint.index_store import use_stored_index
 
-        super().__init__(detector_dir, ids, skip_bad)
+        super().__init__(detector_dir, skip_bad)
         use_stored_index(self.det, detector_dir, index or None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -71,8 +71,8 @@ class ScoreRayConfig:
     """Images per batch an actor scores."""
     workers: Annotated[int, Range(1)] = 2
     """Actors scoring in parallel (each loads the detector and the index once)."""
-    cpus_per_worker: Annotated[float, Range(0, lo_open=True)] = 0.75
-    """CPUs reserved per CPU actor; workers x this must leave room for the reading tasks (0.25 CPU each)."""
+    cpus_per_worker: Annotated[float, Range(0, lo_open=True)] = 1.0
+    """CPUs reserved per CPU actor (each reads, decodes and scores its own batches)."""
     gpu: Literal["auto", "yes", "no"] = "auto"
     """'auto': GPU actors when the cluster has GPUs; 'no' forces CPU actors."""
     skip_bad: bool = False
@@ -118,14 +118,11 @@ def main(config: ScoreRayConfig) -> Path:
     kind, signal = det.kind, det.meta.signal
     del det
 
-    import ray
 
     init_ray()
-    paths = [str(Path(it.path).resolve()) for it in to_score]
-    ids_ref = ray.put({p: it.id for p, it in zip(paths, to_score, strict=True)})
     gpus = None if config.gpu == "auto" else config.gpu == "yes"
-    ds = read_images(paths, config.workers).map_batches(
-        Scorer, fn_constructor_kwargs={"detector_dir": str(det_dir.resolve()), "ids": ids_ref,
+    ds = listing(to_score, config.workers).map_batches(
+        Scorer, fn_constructor_kwargs={"detector_dir": str(det_dir.resolve()),
                                        "index": str(Path(config.index).resolve()) if config.index else "",
                                        "skip_bad": config.skip_bad},
         batch_size=config.batch_size, batch_format="numpy",

@@ -180,3 +180,25 @@ def test_calibrating_kind_stores_its_reference_pool(ray_local, sample_bench, tmp
     assert list(outs["plain"]) == list(outs["indexed"])
     for i, row in outs["plain"].items():
         assert outs["indexed"][i]["score"] == pytest.approx(row["score"], abs=1e-5)
+
+
+def test_embedding_actor_reads_its_files_and_names_a_bad_one(sample_bench, frozen_detector, tmp_path):
+    """The actor reads and decodes each listed file itself: same pixels as the library's loader; a file that
+    vanished or broke after listing stops the job naming it, or is left out with --skip-bad."""
+    from fingerprint.data.images import DataError, load_image
+    from jobs.embed_ray import Embedder
+
+    good = sorted((sample_bench / "dev" / "generated").glob("*.png"))[:2]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good[0].read_bytes()[:40])
+    batch = {"path": np.array([str(good[0]), str(tmp_path / "gone.png"), str(broken), str(good[1])], dtype=object),
+             "id": np.array(["a", "gone", "broken", "b"], dtype=object)}
+    for bad in (1, 2):
+        one = {k: v[[0, bad]] for k, v in batch.items()}
+        with pytest.raises(DataError, match=rf"{Path(one['path'][1]).name}.*--skip-bad"):
+            Embedder(str(frozen_detector)).images(one)
+    ids, images = Embedder(str(frozen_detector), skip_bad=True).images(batch)
+    assert ids == ["a", "b"]
+    np.testing.assert_array_equal(np.asarray(images[1]), np.asarray(load_image(good[1])))
+    out = Embedder(str(frozen_detector), skip_bad=True)(batch)
+    assert list(out["id"]) == ["a", "b"] and out["embedding"].shape[0] == 2
