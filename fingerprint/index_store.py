@@ -239,8 +239,10 @@ def use_index(det: Any, detector_dir: str | Path, index: str | Path) -> StoredIn
                           f"{digest[:12]}; rerun `fingerprint embed --model {detector_dir}`")
     if m.metric != det.metric:
         raise StoredIndexError(f"{index}: metric {m.metric} but the detector compares with {det.metric}")
-    det._gallery_features = stored.gallery
     det.gallery = stored.build_gallery(det.metric)
+    # Cosine search holds the gallery as unit rows, which score exactly as the stored vectors do: the detector keeps
+    # those rows rather than a second copy of the gallery (512 MB more at 1M x 128).
+    det._gallery_features = det.gallery.vectors.numpy() if det.metric == "cosine" else stored.gallery
     det.gallery_ids = list(stored.gallery_ids)
     calibrates = hasattr(det, "_set_reference_features") and getattr(det.settings, "calibrate", False)
     if stored.reference is not None and calibrates:

@@ -105,8 +105,11 @@ def test_embed_predict_and_score_ray_agree(ray_local, sample_bench, frozen_detec
     assert all(got[i]["score"] <= want[i]["score"] + 1e-5 for i in want)  # never closer than the exact top-k
 
 
-def test_stored_index_round_trip_and_refusals(frozen_detector, tmp_path):
+def test_stored_index_round_trip_and_refusals(sample_bench, frozen_detector, tmp_path):
+    from fingerprint.data.images import load_image
     from fingerprint.index_store import IndexManifest
+
+    images = [load_image(f) for f in sorted((sample_bench / "dev" / "used").glob("*.png"))[:6]]
 
     det = load_detector(frozen_detector)
     vectors = det.arrays()["gallery"]
@@ -120,9 +123,15 @@ def test_stored_index_round_trip_and_refusals(frozen_detector, tmp_path):
     manifest = IndexManifest(detector_sha256=detector_digest(frozen_detector), kind=det.kind, metric=det.metric,
                              dim=vectors.shape[1], gallery=shards)
     write_manifest(folder, manifest)
+    own = load_detector(frozen_detector).score(images)
     stored = use_index(det, frozen_detector, folder)
     assert det.gallery_ids == stored.gallery_ids and len(det.gallery) == len(vectors)
     np.testing.assert_array_equal(stored.gallery, vectors)
+    # Cosine: the detector keeps the search's unit rows, not a second copy of the gallery; scores are unchanged.
+    assert det.metric == "cosine" and np.shares_memory(det._gallery_features, det.gallery.vectors.numpy())
+    got = det.score(images)
+    np.testing.assert_allclose(got.score, own.score, atol=1e-5)
+    np.testing.assert_array_equal(got.nearest, own.nearest)
 
     # Another detector's index is refused, naming what to do.
     write_manifest(folder, IndexManifest(**{**manifest.__dict__, "detector_sha256": "0" * 64}))

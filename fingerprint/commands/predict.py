@@ -159,9 +159,10 @@ def main(config: PredictConfig) -> Path:
     _check_writable(out)
     det_dir = resolve_detector(config.model)
     det = load_detector(det_dir)
-    stored = use_stored_index(det, det_dir, config.index or None)
+    # Only whether there is one: the returned index's arrays are not kept alive beside the detector's gallery.
+    has_index = use_stored_index(det, det_dir, config.index or None) is not None
     pred = predict_folder(det, config.data, config.threshold, config.skip_bad,
-                          keep_gallery=stored is not None and bool(config.index))
+                          keep_gallery=has_index and bool(config.index))
     write_prediction(pred, out, config.evidence)
     write_audit(out, out / "scores.jsonl", config.data, labels=config.labels or None, model=det,
                 require_labels=True, command="fingerprint predict", config=to_dict(config), skip_bad=config.skip_bad)
