@@ -20,7 +20,6 @@ embedded with what the detector learnt, not refitted on the new images.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -42,40 +41,6 @@ INDEX_TAG = "fingerprint.index"
 
 
 # ------------------------------------------------------------------------------------------- reading images
-
-
-def decode(data: bytes, path: str) -> Any:
-    """An image file's bytes as 8-bit gray, converted exactly as `fingerprint.data.images.load_image` does."""
-    import warnings
-
-    from PIL import Image
-
-    from fingerprint.data import images as fpdata
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                if im.format not in fpdata.IMAGE_FORMATS:
-                    raise fpdata.DataError(f"{path}: a {im.format} image; only PNG and JPEG are supported")
-                return fpdata.to_gray8(im)
-        except fpdata.DataError:
-            raise
-        except Exception as e:  # PIL raises many types on broken files
-            raise fpdata.DataError(f"{path}: not a readable PNG/JPEG image ({type(e).__name__}: {e}); "
-                                   "pass --skip-bad to leave it out") from e
-
-
-def read_image(path: str) -> Any:
-    """The image file at ``path`` (a path every node of the cluster can read), decoded as :func:`decode` does."""
-    from fingerprint.data.images import DataError
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror or e}); pass --skip-bad to leave it out") from e
-    return decode(data, path)
 
 
 def listing(items: list[Any], workers: int = 1) -> Any:
@@ -120,12 +85,12 @@ class Embedder:
         self.skip_bad = skip_bad
 
     def images(self, batch: dict[str, np.ndarray]) -> tuple[list[str], list[Any]]:
-        from fingerprint.data.images import DataError
+        from fingerprint.data.images import DataError, load_image
 
         ids, images = [], []
         for path, image_id in zip(batch["path"], batch["id"], strict=True):
             try:
-                images.append(read_image(str(path)))
+                images.append(load_image(str(path)))
             except DataError:
                 if not self.skip_bad:
                     raise
