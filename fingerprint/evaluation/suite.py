@@ -65,6 +65,7 @@ from fingerprint.evaluation.benchmark import (
     summarise,
     write_test_predictions,
 )
+from fingerprint.evaluation.memorisation import ALPHA, format_p
 from fingerprint.evaluation.metrics import bootstrap_ci, format_table
 from fingerprint.features.backbones import weights_file
 from fingerprint.io import read_labels, write_text_atomic
@@ -655,8 +656,6 @@ AHEAD, FLOOR = 0.05, 0.45
 
 def goal_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each held-out benchmark against the detector's goals: one record per (benchmark, goal) that applies."""
-    from fingerprint.evaluation.memorisation import ALPHA
-
     out = []
     for r in rows:
         b, auc, base = r["benchmark"], r["test_auc"], r["best_baseline_test_auc"]
@@ -818,8 +817,6 @@ def markdown(config: SuiteConfig, rep: dict[str, Any], extras: list[dict[str, An
 
 
 def _p(value: float | None) -> str:
-    from fingerprint.evaluation.memorisation import format_p
-
     return "-" if value is None else format_p(value)
 
 
