@@ -54,15 +54,16 @@ class FitSpec:
         return dataclasses.asdict(self)
 
 
-def preset_spec(name: str) -> FitSpec:
+def preset_spec(name: str, data: str = "") -> FitSpec:
+    """What preset ``name`` fits on the benchmark at ``data`` (shadow detectors take a zoo benchmark's recipe)."""
     from fingerprint.config import ConfigError
-    from fingerprint.detectors import PRESETS
+    from fingerprint.detectors import PRESETS, preset_settings
 
     if name not in PRESETS:
         raise ConfigError([f"--presets: unknown preset {name!r}; known: {', '.join(PRESETS)} "
                            "(network kinds: frozen and triplet, per backbone)"])
-    kind, settings = PRESETS[name]
-    return FitSpec(name, kind, dict(settings), preset=name)
+    kind, settings = preset_settings(name, data)
+    return FitSpec(name, kind, settings, preset=name)
 
 
 def frozen_spec(backbone: str, weights: str, image_size: int | None, k: int | None = None) -> FitSpec:
@@ -247,7 +248,7 @@ class FitRayConfig:
     """Alias given to the best new version; empty = none."""
 
     def specs(self) -> list[FitSpec]:
-        out = [preset_spec(p.strip()) for p in self.presets.split(",") if p.strip()]
+        out = [preset_spec(p.strip(), self.data) for p in self.presets.split(",") if p.strip()]
         out += [frozen_spec(b.strip(), self.weights, self.image_size) for b in self.frozen_backbones.split(",")
                 if b.strip()]
         return out

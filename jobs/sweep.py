@@ -141,7 +141,7 @@ class SweepConfig(RayTrainConfig):
                     out.append({"trial": spec.name, "mode": "task", "kind": spec.kind, "detector": spec.name,
                                 "backbone": b, "settings": spec.settings, "preset": ""})
             else:
-                spec = preset_spec(preset)
+                spec = preset_spec(preset, self.data)
                 out.append({"trial": spec.name, "mode": "task", "kind": spec.kind, "detector": spec.name,
                             "backbone": "", "settings": spec.settings, "preset": preset})
         return out

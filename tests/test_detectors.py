@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 
@@ -38,6 +39,8 @@ SMALL: dict[str, dict] = {
     "triplet": {**NET, "embed_dim": 8, "epochs": 1, "triplets_per_epoch": 8, "train_batch_size": 4, "k": 3},
     "rank_ensemble": {"members": "pixel_ncc,gradient_nn"},
     "selected_ensemble": {"members": "pixel_ncc,pixel_mass,gradient_nn"},
+    "shadow": {"features": "pixel_ncc", "image_size": 32, "k": 2, "family": "ae_gmm", "generator_size": 16,
+               "generator_settings": '{"steps": 5, "width": 4, "latent_dim": 4, "components": 2}', "samples": 24},
 }
 """Small settings per kind; a kind registered later is fitted with its defaults."""
 
@@ -250,3 +253,45 @@ def test_an_image_scores_the_same_alone_as_in_a_batch(name: str, data: FitData) 
     per_image = np.concatenate([gradient_features(x[i : i + 1], 8) for i in range(3)])
     np.testing.assert_allclose(gradient_features(x, 8), per_image, atol=1e-12)
     np.testing.assert_allclose(alone, together[[0, 5, 30]], rtol=1e-5, atol=1e-6)
+
+
+def test_shadow_calibration_subtracts_the_shadows_that_never_saw_the_image(data: FitData, tmp_path: Path) -> None:
+    """Brute force: shadows come in complementary halves of whole groups, and each image's baseline is its mean
+    similarity to the samples of the shadows that left it out (all of them for an image from outside the pool)."""
+    from fingerprint.detectors.shadow import shadow_halves
+
+    groups = np.asarray(data.groups)
+    halves = shadow_halves(groups, 4, seed=3)
+    assert np.array_equal(halves[0], ~halves[1]) and np.array_equal(halves[2], ~halves[3])
+    for h in halves:  # no group on both sides, and about half of the images on each
+        assert not set(groups[h]) & set(groups[~h]) and abs(h.sum() - len(h) / 2) <= np.bincount(groups).max()
+
+    d = fit_detector("shadow", SMALL["shadow"], data)
+    assert d.members.shape == (4, len(data.real)) and np.array_equal(d.members, shadow_halves(groups, 4, 0))
+    s = d.score(data.real, data.real_ids)
+    f = d.inner.features(data.real)
+    mean2 = lambda sim: np.sort(sim, axis=1)[:, ::-1][:, :2].mean(axis=1)  # noqa: E731
+    gen = mean2(f @ d.inner.features(data.generated).T)
+    per_shadow = np.stack([mean2(f @ d.inner.features(
+        [Image.fromarray(p, mode="L") for p in block]).T) for block in d._shadow_pixels], axis=1)
+    left_out = ~d.members.T
+    expected = (per_shadow * left_out).sum(axis=1) / left_out.sum(axis=1)
+    np.testing.assert_allclose(s.generated_similarity, gen, atol=1e-5)
+    np.testing.assert_allclose(s.real_similarity, expected, atol=1e-5)
+    np.testing.assert_allclose(s.score, gen - expected, atol=1e-5)
+    alone = d.score(data.real[:1])  # no id: no shadow saw it
+    assert alone.real_similarity[0] == pytest.approx(per_shadow[0].mean(), abs=1e-5)
+    back = load_detector(d.save(tmp_path / "shadow"))
+    np.testing.assert_allclose(back.score(data.real, data.real_ids).score, s.score, atol=1e-6)
+    assert back.meta.settings["family"] == "ae_gmm"
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"family": "stylegan"}, r"shadow\.family: unknown generator family 'stylegan'"),
+    ({"generator_settings": "{steps: 5}"}, r"shadow\.generator_settings: not a JSON object"),
+    ({"generator_settings": '{"stepz": 5}'}, r"shadow\.generator_settings: unknown dcgan setting\(s\) stepz"),
+    ({"shadows": 3}, r"shadow\.shadows: must be even"),
+])
+def test_shadow_settings_errors_name_the_setting(settings: dict, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        create_detector("shadow", settings)

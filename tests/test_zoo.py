@@ -274,3 +274,36 @@ def test_shipped_suite_is_valid_and_spans_the_families():
     # Each entry draws its own split of the pool: benchmarks sharing one are not independent held-out tests.
     seeds = [e.seed if e.seed is not None else suite.defaults.seed for e in suite.entries]
     assert len(set(seeds)) == len(seeds), seeds
+
+
+def test_shadow_detectors_train_shadows_with_the_zoo_benchmarks_recipe(built, sample_bench, tmp_path):
+    """On a zoo benchmark the harness and `fingerprint fit` give shadow detectors the target's family, settings,
+    temperature and size from zoo.json (never its split); elsewhere the preset's stand-in; --settings win."""
+    from fingerprint.commands.fit import FitConfig
+    from fingerprint.detectors import PRESETS
+    from fingerprint.evaluation import benchmark as bm
+    from fingerprint.zoo.build import generator_recipe
+
+    recipe = generator_recipe(built)
+    record = json.loads((built / "zoo.json").read_text())
+    assert recipe == {"family": "ae_gmm", "generator_settings": json.dumps(record["settings"], sort_keys=True),
+                      "temperature": record["build"]["temperature"], "generator_size": 16}
+    assert generator_recipe(sample_bench) is None
+    kind, settings = bm.preset("shadow_gradient", bm.BenchmarkConfig(data=str(built), image_size=32))
+    assert kind == "shadow" and settings["image_size"] == 32 and recipe.items() <= settings.items()
+    assert bm.preset("shadow_gradient", bm.BenchmarkConfig(data=str(sample_bench)))[1]["family"] == \
+        PRESETS["shadow_gradient"][1]["family"]
+    _, fit_settings = FitConfig(data=str(built), preset="shadow_gradient", settings='{"shadows": 2}').resolved()
+    assert fit_settings["shadows"] == 2 and fit_settings["family"] == "ae_gmm"
+
+    # End to end: the harness fits it (four tiny ae_gmm shadows) beside the calibrated detector it extends, on the
+    # sample benchmark (enough patients on each side for 2 folds) given the zoo build's recipe.
+    bench, out = tmp_path / "sample", tmp_path / "bench"
+    shutil.copytree(sample_bench, bench)
+    shutil.copy(built / "zoo.json", bench / "zoo.json")
+    res = bm.main(bm.BenchmarkConfig(data=str(bench), out=str(out), detectors="gradient_cal,f", image_size=32,
+                                     folds=2, repeats=1, n_boot=50, submit="shadow_gradient"))
+    rows = {r["name"]: r for r in res["detectors"]}
+    assert {"shadow_gradient", "shadow_ensemble"} <= set(rows) and rows["shadow_gradient"]["family"] == "f"
+    saved = json.loads((out / "detector" / "meta.json").read_text())
+    assert saved["kind"] == "shadow" and saved["settings"]["family"] == "ae_gmm"

@@ -20,8 +20,9 @@ from typing import Annotated, Any, Literal
 
 from fingerprint.config import BENCHMARK_HINT, Range, check_fields, flag, path_problems, validate
 from fingerprint.data.imagesets import load_fit_data
-from fingerprint.detectors import PRESETS, Detector, fit_detector, kinds
+from fingerprint.detectors import PRESETS, Detector, fit_detector, kinds, preset_settings
 from fingerprint.io import write_text_atomic
+from fingerprint.zoo.build import generator_recipe
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,11 @@ class FitConfig:
     out: str = "runs/fit"
     """Folder the fitted detector is saved to (meta.json, arrays.safetensors, ids.json) with metrics.json."""
     preset: str = "best"
-    """A named configuration (pixel_l2, pixel_ncc, pixel_mass, subspace_mass, gradient_nn, domain_clf, ssim,
-    ab_rank, best); ignored when --kind is given."""
+    """A named configuration (fingerprint.detectors.PRESETS: pixel_ncc, gradient_cal, cal_ensemble,
+    shadow_gradient, best, ...); ignored when --kind is given."""
     kind: str = ""
-    """A detector kind (pixel, gradient, subspace, domain, ssim, frozen, triplet, rank_ensemble,
-    selected_ensemble) with --settings, instead of --preset."""
+    """A detector kind (pixel, gradient, calibrated, shadow, ssim, frozen, triplet, rank_ensemble, ...) with
+    --settings, instead of --preset."""
     settings: str = ""
     """JSON object of the kind's settings (with --kind), or overrides of the preset's, e.g. '{"k": 5}'."""
     val_fraction: Annotated[float, Range(0, 0.9, hi_open=True)] = 0.25
@@ -74,10 +75,12 @@ class FitConfig:
         return value
 
     def resolved(self) -> tuple[str, dict[str, Any]]:
-        """(kind, settings) this config asks for."""
+        """(kind, settings) this config asks for. Shadow detectors on a zoo benchmark train shadows with the
+        target's recipe from its zoo.json; --settings still win."""
         if self.kind:
-            return self.kind, self.overrides()
-        kind_name, settings = PRESETS[self.preset]
+            kind_name, settings = self.kind, (generator_recipe(self.data) or {}) if self.kind == "shadow" else {}
+        else:
+            kind_name, settings = preset_settings(self.preset, self.data)
         return kind_name, {**settings, **self.overrides()}
 
 

@@ -6,6 +6,7 @@ sweeps and the demo compare, each a (kind, settings) pair.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fingerprint.detectors.base import (
@@ -27,6 +28,7 @@ from fingerprint.detectors.domain import DomainClassifier
 from fingerprint.detectors.ensemble import RankEnsemble, SelectedEnsemble
 from fingerprint.detectors.neighbours import FeatureNN, GradientNN, PixelNN, SubspaceNN
 from fingerprint.detectors.networks import FrozenNN, TripletNN
+from fingerprint.detectors.shadow import ShadowNN
 from fingerprint.detectors.ssim import SSIMNN
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -43,13 +45,30 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "ssim": ("ssim", {}),
     "ab_rank": ("rank_ensemble", {"members": "gradient_nn,domain_clf"}),
     "best": ("selected_ensemble", {}),
+    # Shadows of a stand-in family (a small 32 px DCGAN) unless the harness knows the target's recipe (zoo.json).
+    "shadow_gradient": ("shadow", {"features": "gradient", "k": 10, "family": "dcgan", "generator_size": 32,
+                                   "generator_settings": '{"latent_dim": 64, "steps": 2500, "width": 16}'}),
+    "shadow_ensemble": ("rank_ensemble", {"members": "gradient_cal,shadow_gradient"}),
 }
 """Named configurations: what `fingerprint benchmark --detectors`, `fingerprint fit --preset` and the sweep use.
 Network kinds (frozen, triplet) are added per backbone by the caller, since they need weights."""
 
+
+def preset_settings(name: str, data: str | Path = "") -> tuple[str, dict[str, Any]]:
+    """(kind, settings) of preset ``name`` for the benchmark at ``data``: a shadow detector on a zoo benchmark
+    trains its shadows with the target's recipe (family, settings, temperature, size from ``zoo.json``)."""
+    from fingerprint.zoo.build import generator_recipe
+
+    kind_name, settings = PRESETS[name]
+    settings = dict(settings)
+    if kind_name == "shadow" and data:
+        settings.update(generator_recipe(data) or {})
+    return kind_name, settings
+
 __all__ = [
-    "PRESETS", "Detector", "DetectorMeta", "FitData", "Scores", "create_detector", "fit_detector", "finish_fit",
+    "PRESETS", "preset_settings", "Detector", "DetectorMeta", "FitData", "Scores", "create_detector", "fit_detector",
+    "finish_fit",
     "is_detector_dir", "kind", "kinds", "load_detector", "register", "FeatureNN", "PixelNN", "GradientNN",
     "SubspaceNN", "CalibratedNN", "DomainClassifier", "SSIMNN", "FrozenNN", "TripletNN", "RankEnsemble",
-    "SelectedEnsemble",
+    "SelectedEnsemble", "ShadowNN",
 ]

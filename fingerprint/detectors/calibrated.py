@@ -23,7 +23,7 @@ from fingerprint.detectors.neighbours import FeatureNN
 from fingerprint.detectors.ssim import SSIMNN
 from fingerprint.knn import Gallery, SSIMGallery, topk_mean
 
-__all__ = ["CalibratedNN"]
+__all__ = ["CalibratedNN", "CalibratedSettings"]
 
 BASES: dict[str, tuple[str, dict]] = {
     "pixel_ncc": ("pixel", {"metric": "ncc"}),
@@ -41,7 +41,8 @@ class CalibratedSettings:
     image_size: Annotated[int, Range(8)] = 64
     """Side in pixels every image is resized to before its features are taken."""
     k: Annotated[int, Range(1)] = 10
-    """Nearest generated images, and nearest real images of other patients, averaged on each side."""
+    """Nearest neighbours averaged on each side: generated images, and what the score is calibrated against
+    (real images of other patients; for shadow, each shadow generator's samples)."""
 
 
 @register("calibrated")

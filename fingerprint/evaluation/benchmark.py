@@ -48,7 +48,6 @@ from fingerprint.config import ConfigError, flag, to_dict, validate
 from fingerprint.data import images as fpdata
 from fingerprint.data.imagesets import GROUPS_FILE, load_fit_data
 from fingerprint.detectors import (
-    PRESETS,
     Detector,
     FitData,
     RankEnsemble,
@@ -57,6 +56,7 @@ from fingerprint.detectors import (
     create_detector,
     finish_fit,
     kind,
+    preset_settings,
 )
 from fingerprint.evaluation.memorisation import ALPHA, N_PERMUTATIONS, MemorisationTest, format_p, memorisation_test
 from fingerprint.evaluation.metrics import bootstrap_ci, format_table, resampling_unit
@@ -74,6 +74,7 @@ FAMILIES = {
     "d": ("triplet",),
     "e": ("pixel_mass", "subspace_mass", "gradient_nn", "pixel_ncc_cal", "gradient_cal", "ssim_cal", "cal_ensemble",
           "domain_clf", "ab_rank", "best"),
+    "f": ("shadow_gradient", "shadow_ensemble"),
 }
 NAMES = tuple(n for names in FAMILIES.values() for n in names)
 ALIASES = {"grad_nn": "gradient_nn"}
@@ -93,8 +94,10 @@ class BenchmarkConfig:
     COMMAND.md)."""
     detectors: str = "all"
     """Comma-separated detectors and/or families: pixel_l2, pixel_ncc (a), ssim (b), frozen (c, one per backbone),
-    triplet (d, one per backbone), pixel_mass, subspace_mass, gradient_nn (alias grad_nn), domain_clf, ab_rank,
-    best (e); or a, b, c, d, e; or 'all'. Each is a preset of fingerprint.detectors.PRESETS."""
+    triplet (d, one per backbone), pixel_mass, subspace_mass, gradient_nn (alias grad_nn), pixel_ncc_cal,
+    gradient_cal, ssim_cal, cal_ensemble, domain_clf, ab_rank, best (e), shadow_gradient, shadow_ensemble (f:
+    they train shadow generators); or a, b, c, d, e, f; or 'all'. Each is a preset of
+    fingerprint.detectors.PRESETS."""
     backbones: str = "auto"
     """Comma-separated timm backbones for frozen/triplet; 'auto' = every <name>.safetensors in --weights-dir."""
     weights_dir: str = ""
@@ -163,7 +166,7 @@ class BenchmarkConfig:
         unknown = [n for n in asked if n not in NAMES]
         if unknown:
             out.append(f"{flag('detectors')}: unknown {', '.join(unknown)}; use some of {', '.join(NAMES)}, "
-                       "the families a-e, or all")
+                       "the families a-f, or all")
         if not asked:
             out.append(f"{flag('detectors')}: name at least one detector")
         if {"frozen", "triplet"} & set(asked):
@@ -215,8 +218,7 @@ def _split(text: str) -> list[str]:
 
 def preset(name: str, config: BenchmarkConfig) -> tuple[str, dict[str, Any]]:
     """(kind, settings) of preset ``name`` at the harness's image size (and seed, for the domain classifier)."""
-    kind_name, settings = PRESETS[name]
-    settings = dict(settings)
+    kind_name, settings = preset_settings(name, config.data)
     size = config.image_size
     if kind_name in ("pixel", "subspace", "ssim", "gradient", "domain"):
         settings["image_size"] = size
@@ -224,6 +226,8 @@ def preset(name: str, config: BenchmarkConfig) -> tuple[str, dict[str, Any]]:
         settings["feature_size"] = size
     elif kind_name == "domain":
         settings.update(feature_size=max(size // 2, 8), seed=config.seed)
+    elif kind_name == "shadow":
+        settings.update(image_size=size, seed=config.seed)
     return kind_name, settings
 
 

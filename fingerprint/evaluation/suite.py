@@ -80,7 +80,7 @@ __all__ = [
 DEFAULT_CANDIDATES = ("pixel_l2,pixel_ncc,pixel_mass,subspace_mass,gradient_nn,domain_clf,ssim,best,pixel_ncc_cal,"
                       "gradient_cal,ssim_cal,cal_ensemble")
 SIMPLICITY = ("pixel_l2", "pixel_ncc", "ssim", "pixel_mass", "subspace_mass", "gradient_nn", "pixel_ncc_cal",
-              "gradient_cal", "ssim_cal", "cal_ensemble", "frozen",
+              "gradient_cal", "ssim_cal", "cal_ensemble", "shadow_gradient", "shadow_ensemble", "frozen",
               "domain_clf", "ab_rank", "triplet", "best")
 """Simplest first: a tie in a rule goes to the candidate earliest here (frozen_*/triplet_* by their kind)."""
 TIE = 1e-3

@@ -506,3 +506,21 @@ def build_suite(spec: str | Path, out: str | Path, *, pool: Sequence[str] | None
     write_text_atomic(out / "suite.json", json.dumps({"spec": str(spec), "reseed": reseed, "entries": summary},
                                                      indent=1) + "\n")
     return records
+
+
+def generator_recipe(path: str | Path) -> dict[str, Any] | None:
+    """How the generator of the zoo benchmark at ``path`` was trained, as settings of the ``shadow`` detector kind
+    (family, its settings, sampler temperature, image side), from ``zoo.json``; None without a usable one.
+
+    Only the recipe is read, never the split or the checks: a shadow detector may assume the target's family and
+    training settings are known, not its training set."""
+    file = Path(path) / "zoo.json"
+    try:
+        record = json.loads(file.read_text()) if file.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict) or "family" not in record:
+        return None
+    build = record.get("build") if isinstance(record.get("build"), dict) else {}
+    return {"family": str(record["family"]), "generator_settings": json.dumps(record["settings"], sort_keys=True),
+            "temperature": float(build.get("temperature", 1.0)), "generator_size": int(build.get("image_size", 0))}
