@@ -195,6 +195,28 @@ def test_choose_reads_only_the_benchmarks_it_is_given() -> None:
         choose({"A": dev["A"]}, ["A", "B"], "mean")
 
 
+def test_extras_without_a_generator_recipe_get_the_best_candidate_without_shadows(tmp_path) -> None:
+    """Shadow detectors measure what they should only with the target's recipe: an --extra benchmark without a
+    zoo.json gets the rule's choice among the other candidates, and the report says why."""
+    from fingerprint.detectors import needs_recipe
+
+    assert needs_recipe("shadow_gradient") and needs_recipe("shadow_ensemble") and not needs_recipe("cal_ensemble")
+    dev = {"A": {"gradient_cal": 0.80, "cal_ensemble": 0.82, "shadow_ensemble": 0.90},
+           "B": {"gradient_cal": 0.70, "cal_ensemble": 0.66, "shadow_ensemble": 0.75}}
+    rep = {"suite_choice": {"mean": {"candidate": "shadow_ensemble"}}, "dev_auc": dev,
+           "candidates": [{"name": c} for c in dev["A"]]}
+    config = SuiteConfig(suite=str(tmp_path), rule="mean")
+    plain, zoo = tmp_path / "plain", tmp_path / "zoo"
+    plain.mkdir()
+    zoo.mkdir()
+    (zoo / "zoo.json").write_text(json.dumps({"family": "vae", "settings": {"steps": 3}, "build": {"image_size": 16}}))
+    assert suite.extra_choice(config, rep, zoo) == ("shadow_ensemble", "")
+    pick, why = suite.extra_choice(config, rep, plain)
+    assert pick == "gradient_cal" and "shadow_ensemble" in why and "zoo.json" in why  # mean 0.75 vs 0.74
+    rep["suite_choice"]["mean"]["candidate"] = "cal_ensemble"
+    assert suite.extra_choice(config, rep, plain) == ("cal_ensemble", "")
+
+
 def test_test_labels_never_reach_fitting(first, benches, tmp_path) -> None:
     out, res = first
     shuffled = _copy(benches[0], tmp_path / "suite")

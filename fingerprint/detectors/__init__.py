@@ -65,9 +65,19 @@ def preset_settings(name: str, data: str | Path = "") -> tuple[str, dict[str, An
         settings.update(generator_recipe(data) or {})
     return kind_name, settings
 
+
+def needs_recipe(name: str) -> bool:
+    """Whether preset ``name`` trains shadow generators (itself or an ensemble member), so that it measures what
+    it should only where the target generator's recipe is known."""
+    kind_name, settings = PRESETS.get(name, ("", {}))
+    if kind_name == "shadow":
+        return True
+    members = str(settings.get("members", "")) if kind_name.endswith("ensemble") else ""
+    return any(needs_recipe(m.strip()) for m in members.split(",") if m.strip() and m.strip() != name)
+
 __all__ = [
-    "PRESETS", "preset_settings", "Detector", "DetectorMeta", "FitData", "Scores", "create_detector", "fit_detector",
-    "finish_fit",
+    "PRESETS", "preset_settings", "needs_recipe", "Detector", "DetectorMeta", "FitData", "Scores", "create_detector",
+    "fit_detector", "finish_fit",
     "is_detector_dir", "kind", "kinds", "load_detector", "register", "FeatureNN", "PixelNN", "GradientNN",
     "SubspaceNN", "CalibratedNN", "DomainClassifier", "SSIMNN", "FrozenNN", "TripletNN", "RankEnsemble",
     "SelectedEnsemble", "ShadowNN",

@@ -50,7 +50,7 @@ import numpy as np
 from fingerprint.config import ConfigError, Range, check_fields, flag, to_dict, validate
 from fingerprint.data import images as fpdata
 from fingerprint.data.imagesets import GROUPS_FILE, groups_file, load_fit_data
-from fingerprint.detectors import PRESETS, Detector, FitData, finish_fit
+from fingerprint.detectors import PRESETS, Detector, FitData, finish_fit, needs_recipe
 from fingerprint.evaluation.benchmark import (
     ALIASES,
     BASELINE_FAMILIES,
@@ -69,6 +69,7 @@ from fingerprint.evaluation.memorisation import ALPHA, format_p
 from fingerprint.evaluation.metrics import bootstrap_ci, format_table
 from fingerprint.features.backbones import weights_file
 from fingerprint.io import read_labels, write_text_atomic
+from fingerprint.zoo.build import generator_recipe
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ __all__ = [
 ]
 
 DEFAULT_CANDIDATES = ("pixel_l2,pixel_ncc,pixel_mass,subspace_mass,gradient_nn,domain_clf,ssim,best,pixel_ncc_cal,"
-                      "gradient_cal,ssim_cal,cal_ensemble")
+                      "gradient_cal,ssim_cal,cal_ensemble,shadow_gradient,shadow_ensemble")
 SIMPLICITY = ("pixel_l2", "pixel_ncc", "ssim", "pixel_mass", "subspace_mass", "gradient_nn", "pixel_ncc_cal",
               "gradient_cal", "ssim_cal", "cal_ensemble", "shadow_gradient", "shadow_ensemble", "frozen",
               "domain_clf", "ab_rank", "triplet", "best")
@@ -113,7 +114,8 @@ class SuiteConfig:
     per --extra benchmark."""
     candidates: str = DEFAULT_CANDIDATES
     """Comma-separated presets of fingerprint.detectors.PRESETS to choose among (a fixed, small set: every
-    one is run on every benchmark); 'triplet' adds the triplet network per --backbones (slow on CPU)."""
+    one is run on every benchmark); 'triplet' adds the triplet network per --backbones (slow on CPU). The shadow
+    presets train 4 generators of each benchmark's family per benchmark: most of the suite's time."""
     backbones: str = ""
     """Comma-separated timm backbones: each adds a frozen_<backbone> candidate (frozen features, cosine);
     'auto' = every <name>.safetensors in --weights-dir; empty = no network candidates."""
@@ -800,7 +802,7 @@ def markdown(config: SuiteConfig, rep: dict[str, Any], extras: list[dict[str, An
         lines.append(f"- `{e['benchmark']}` ({e['path']}): `{e['candidate']}` fitted on its {e['labelled']} dev "
                      f"labels, threshold {e['threshold']:.4g}; `{e['benchmark']}/submission.csv` "
                      f"({e['test']} images, {e['used_predicted']} predicted used), `scores.csv`, `detector/`"
-                     f"{' (reused)' if e.get('reused') else ''}.")
+                     f"{' (reused)' if e.get('reused') else ''}" + (f"; {e['why']}." if e.get("why") else "."))
     if rep.get("goals"):
         met = sum(g["met"] for g in rep["goals"])
         lines += ["", "## Goals, per held-out benchmark", "",
@@ -856,9 +858,25 @@ def auc_picture(rep: dict[str, Any], path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ extras
 
 
-def submit_extra(config: SuiteConfig, path: Path, candidate: str, out: Path) -> dict[str, Any]:
+def extra_choice(config: SuiteConfig, rep: dict[str, Any], path: Path) -> tuple[str, str]:
+    """(candidate, why) for an --extra benchmark: the whole suite's choice, unless it trains shadow generators
+    and the benchmark has no generator recipe (zoo.json): then the rule's choice among the other candidates, since
+    stand-in shadows of a guessed family measure something else."""
+    chosen = rep["suite_choice"][config.rule]["candidate"]
+    if not needs_recipe(chosen) or generator_recipe(path) is not None:
+        return chosen, ""
+    among = [c["name"] for c in rep["candidates"] if not needs_recipe(c["name"])]
+    if not among:
+        return chosen, "no candidate without shadow generators; shadows of a stand-in family"
+    pick = choose(rep["dev_auc"], list(rep["dev_auc"]), config.rule, among)[0]
+    return pick, (f"the suite's choice `{chosen}` trains shadow generators and this benchmark has no recipe of its "
+                  f"generator (zoo.json): `{pick}` is the {config.rule} rule's choice among the others")
+
+
+def submit_extra(config: SuiteConfig, path: Path, candidate: str, why: str, out: Path) -> dict[str, Any]:
     """Fit ``candidate`` on all dev labels of an --extra benchmark and write its submission, scores and detector
-    to ``<out>/<name>/`` (skipped when already written for the same images and candidate)."""
+    to ``<out>/<name>/`` (skipped when already written for the same images and candidate). ``why``: the reason
+    it is not the suite's choice, if it is not."""
     bench_out = out / path.name
     det = next(d for d in build_candidates(config, path) if d.name == candidate)
     key = {"version": CACHE_VERSION, "code": code_digest(), "content": content_hash(path), "candidate": candidate,
@@ -870,7 +888,7 @@ def submit_extra(config: SuiteConfig, path: Path, candidate: str, out: Path) -> 
         done = json.loads(done_file.read_text())
         if done.get("key") == key:
             log.info("%s: submission of %s already written", path.name, candidate)
-            return {**done["summary"], "reused": True}
+            return {**done["summary"], "why": why, "reused": True}
     COUNTERS["loaded"] += 1
     data: FitData = load_fit_data(path, val_fraction=0.0, seed=config.seed, skip_bad=config.skip_bad,
                                   group_threshold=config.group_threshold)
@@ -892,7 +910,7 @@ def submit_extra(config: SuiteConfig, path: Path, candidate: str, out: Path) -> 
         summary["members"] = list(det.meta.extra["chosen"])
     write_text_atomic(done_file, json.dumps({"key": key, "summary": summary}, indent=2))
     COUNTERS["submitted"] += 1
-    return summary
+    return {**summary, "why": why}
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -923,8 +941,7 @@ def run(config: SuiteConfig) -> dict[str, Any]:
                  bench.memorisation)
         results[bench.name] = evaluate_benchmark(config, bench, out)
     rep = report(config, benches, results)
-    chosen = rep["suite_choice"][config.rule]["candidate"]
-    extras = [submit_extra(config, p, chosen, out) for p in config.extras()]
+    extras = [submit_extra(config, p, *extra_choice(config, rep, p), out) for p in config.extras()]
     work = {k: COUNTERS[k] - before[k] for k in COUNTERS}
     seconds = time.perf_counter() - t0
     md = markdown(config, rep, extras, seconds, work)
