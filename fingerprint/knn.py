@@ -29,7 +29,8 @@ Metric = Literal["cosine", "l2"]
 Search = Literal["exact", "ivf", "hnsw"]
 SEARCHES: tuple[str, ...] = ("exact", "ivf", "hnsw")
 
-__all__ = ["ApproximateSettings", "Gallery", "Metric", "SEARCHES", "SSIMGallery", "Search", "unit_rows", "topk_mean"]
+__all__ = ["ApproximateSettings", "Gallery", "Metric", "SEARCHES", "SSIMGallery", "Search", "unit_rows", "topk_mean",
+           "make_gallery"]
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -288,3 +289,8 @@ class SSIMGallery:
             sims_out[q0:q0 + len(sim)] = np.take_along_axis(sim, idx, axis=1)
             idx_out[q0:q0 + len(sim)] = idx
         return sims_out, idx_out
+
+
+def make_gallery(vectors: np.ndarray, metric: str) -> Gallery | SSIMGallery:
+    """The search for ``metric``: :class:`SSIMGallery` over pixels for 'ssim', else :class:`Gallery`."""
+    return SSIMGallery(vectors) if metric == "ssim" else Gallery(vectors, metric)  # type: ignore[arg-type]

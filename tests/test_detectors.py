@@ -202,6 +202,8 @@ def test_unknown_kinds_and_bad_settings_name_the_problem(data: FitData) -> None:
         ("domain", {"c": -1.0}, r"domain: --c\b"),
         ("triplet", {"mining": "hardest"}, r"triplet: --mining\b"),
         ("rank_ensemble", {"members": "pixel_ncc,nope"}, "nope"),
+        ("rank_ensemble", {"member_settings": "[1]"}, "--member-settings: a JSON object"),
+        ("rank_ensemble", {"member_settings": '{"ssim": {"k": 2}}'}, "--member-settings: ssim not among"),
     ]:
         with pytest.raises(ConfigError, match=expected):
             create_detector(name, settings)
@@ -263,8 +265,8 @@ def test_shadow_calibration_subtracts_the_shadows_that_never_saw_the_image(data:
     groups = np.asarray(data.groups)
     halves = shadow_halves(groups, 4, seed=3)
     assert np.array_equal(halves[0], ~halves[1]) and np.array_equal(halves[2], ~halves[3])
-    for h in halves:  # no group on both sides, and about half of the images on each
-        assert not set(groups[h]) & set(groups[~h]) and abs(h.sum() - len(h) / 2) <= np.bincount(groups).max()
+    for h in halves:  # no group on both sides, and the halves differ by at most one group's size
+        assert not set(groups[h]) & set(groups[~h]) and abs(h.sum() - (~h).sum()) <= np.bincount(groups).max()
 
     d = fit_detector("shadow", SMALL["shadow"], data)
     assert d.members.shape == (4, len(data.real)) and np.array_equal(d.members, shadow_halves(groups, 4, 0))
@@ -286,11 +288,69 @@ def test_shadow_calibration_subtracts_the_shadows_that_never_saw_the_image(data:
     assert back.meta.settings["family"] == "ae_gmm"
 
 
+class _Copier:
+    """A stand-in generator that remembers its training images and samples them back: a shadow's samples then
+    contain exactly the images it trained on."""
+
+    def __init__(self) -> None:
+        self.images = np.zeros((0, 1, 1), np.float32)
+
+    def check_size(self, size: int) -> None:
+        return None
+
+    def fit(self, images: np.ndarray, seed: int = 0, progress: bool = False) -> list:
+        self.images = np.array(images)
+        return []
+
+    def sample(self, n: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
+        return self.images[np.arange(n) % len(self.images)]
+
+
+def test_shadow_baseline_never_comes_from_a_shadow_that_saw_the_image(data: FitData, monkeypatch) -> None:
+    """With shadows that copy their training images, an image is found exactly (NCC 1) by the shadows that trained
+    on it and never by those its baseline comes from, wherever it sits in the query (ids drive the lookup)."""
+    import fingerprint.zoo.base as zoo_base
+
+    monkeypatch.setattr(zoo_base, "create_generator", lambda name, settings=None: _Copier())
+    d = create_detector("shadow", {**SMALL["shadow"], "k": 1, "generator_size": 32, "samples": len(data.real)})
+    d.fit(data)
+    f = d.inner.features(data.real)
+    best = np.stack([(f @ d.inner.features([Image.fromarray(p, mode="L") for p in block]).T).max(axis=1)
+                     for block in d._shadow_pixels], axis=1)  # (R, shadows)
+    assert np.allclose(best[d.members.T], 1.0, atol=1e-4)  # a shadow that trained on an image holds it
+    s = d.score(data.real, data.real_ids)
+    expected = np.where(d.members.T, 0.0, best).sum(axis=1) / (~d.members.T).sum(axis=1)
+    np.testing.assert_allclose(s.real_similarity, expected, atol=1e-5)
+    assert np.all(s.real_similarity < 1 - 1e-3)  # the image itself never enters its own baseline
+    perm = np.random.default_rng(0).permutation(len(data.real))[: len(data.real) // 2]
+    part = d.score([data.real[i] for i in perm], [data.real_ids[i] for i in perm])
+    np.testing.assert_allclose(part.score, s.score[perm], atol=1e-6)
+
+
+def test_shadows_are_reproducible_and_halves_handle_lopsided_pools(data: FitData) -> None:
+    from fingerprint.detectors.shadow import shadow_halves
+
+    a, b = (fit_detector("shadow", SMALL["shadow"], data) for _ in range(2))
+    assert np.array_equal(a._shadow_pixels, b._shadow_pixels)
+    # Lopsided pools, in every order the groups may come in: a big group stays whole and the halves differ by at
+    # most the largest group's size (two big groups go to different sides).
+    for seed in range(6):
+        halves = shadow_halves(np.array([1, 2] + [0] * 7 + [3]), 2, seed)
+        assert abs(halves[0].sum() - halves[1].sum()) <= 7 and len(set(halves[0][2:9])) == 1
+        halves = shadow_halves(np.repeat([0, 1, 2], [45, 10, 45]), 2, seed)
+        assert sorted([halves[0].sum(), halves[1].sum()]) == [45, 55]
+    # One group: no half without the other side, so fitting says what to do instead of failing inside training.
+    one = dataclasses.replace(data, groups=np.zeros(len(data.real), dtype=np.int64))
+    with pytest.raises(ConfigError, match=r"shadow\.shadows: a shadow would train on 0 image"):
+        create_detector("shadow", SMALL["shadow"]).fit(one)
+
+
 @pytest.mark.parametrize(("settings", "expected"), [
     ({"family": "stylegan"}, r"shadow\.family: unknown generator family 'stylegan'"),
     ({"generator_settings": "{steps: 5}"}, r"shadow\.generator_settings: not a JSON object"),
     ({"generator_settings": '{"stepz": 5}'}, r"shadow\.generator_settings: unknown dcgan setting\(s\) stepz"),
     ({"shadows": 3}, r"shadow\.shadows: must be even"),
+    ({"seed": -1}, r"shadow: --seed\b"),
 ])
 def test_shadow_settings_errors_name_the_setting(settings: dict, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):

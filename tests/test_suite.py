@@ -215,6 +215,10 @@ def test_extras_without_a_generator_recipe_get_the_best_candidate_without_shadow
     assert pick == "gradient_cal" and "shadow_ensemble" in why and "zoo.json" in why  # mean 0.75 vs 0.74
     rep["suite_choice"]["mean"]["candidate"] = "cal_ensemble"
     assert suite.extra_choice(config, rep, plain) == ("cal_ensemble", "")
+    only_shadows = {**rep, "candidates": [{"name": "shadow_ensemble"}]}
+    only_shadows["suite_choice"] = {"mean": {"candidate": "shadow_ensemble"}}
+    pick, why = suite.extra_choice(config, only_shadows, plain)
+    assert pick == "shadow_ensemble" and "stand-in" in why
 
 
 def test_test_labels_never_reach_fitting(first, benches, tmp_path) -> None:

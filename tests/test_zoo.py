@@ -295,6 +295,15 @@ def test_shadow_detectors_train_shadows_with_the_zoo_benchmarks_recipe(built, sa
         PRESETS["shadow_gradient"][1]["family"]
     _, fit_settings = FitConfig(data=str(built), preset="shadow_gradient", settings='{"shadows": 2}').resolved()
     assert fit_settings["shadows"] == 2 and fit_settings["family"] == "ae_gmm"
+    assert FitConfig(data=str(built), kind="shadow", settings='{"family": "vae"}').resolved()[1]["family"] == "vae"
+    # An ensemble's shadow member gets the recipe too, wherever the ensemble is fitted.
+    kind, ens = FitConfig(data=str(built), preset="shadow_ensemble").resolved()
+    member = json.loads(ens["member_settings"])
+    assert kind == "rank_ensemble" and set(member) == {"shadow_gradient"} and member["shadow_gradient"] == recipe
+    from fingerprint.detectors import create_detector
+
+    shadow_member = create_detector(kind, ens)._members()[1]
+    assert shadow_member.settings.family == "ae_gmm" and shadow_member.settings.generator_size == 16
 
     # End to end: the harness fits it (four tiny ae_gmm shadows) beside the calibrated detector it extends, on the
     # sample benchmark (enough patients on each side for 2 folds) given the zoo build's recipe.

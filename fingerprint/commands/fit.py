@@ -20,9 +20,8 @@ from typing import Annotated, Any, Literal
 
 from fingerprint.config import BENCHMARK_HINT, Range, check_fields, flag, path_problems, validate
 from fingerprint.data.imagesets import load_fit_data
-from fingerprint.detectors import PRESETS, Detector, fit_detector, kinds, preset_settings
+from fingerprint.detectors import PRESETS, Detector, fit_detector, kinds, resolve_settings
 from fingerprint.io import write_text_atomic
-from fingerprint.zoo.build import generator_recipe
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +74,10 @@ class FitConfig:
         return value
 
     def resolved(self) -> tuple[str, dict[str, Any]]:
-        """(kind, settings) this config asks for. Shadow detectors on a zoo benchmark train shadows with the
-        target's recipe from its zoo.json; --settings still win."""
-        if self.kind:
-            kind_name, settings = self.kind, (generator_recipe(self.data) or {}) if self.kind == "shadow" else {}
-        else:
-            kind_name, settings = preset_settings(self.preset, self.data)
-        return kind_name, {**settings, **self.overrides()}
+        """(kind, settings) this config asks for. Shadow detectors (and shadow members of ensembles) on a zoo
+        benchmark train their shadows with the target's recipe from its zoo.json; --settings still win."""
+        kind_name, settings = (self.kind, {}) if self.kind else PRESETS[self.preset]
+        return kind_name, {**resolve_settings(kind_name, settings, self.data), **self.overrides()}
 
 
 def main(config: FitConfig) -> Detector:

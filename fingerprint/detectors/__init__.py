@@ -6,6 +6,8 @@ sweeps and the demo compare, each a (kind, settings) pair.
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ from fingerprint.detectors.networks import FrozenNN, TripletNN
 from fingerprint.detectors.shadow import ShadowNN
 from fingerprint.detectors.ssim import SSIMNN
 
+log = logging.getLogger(__name__)
+
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "pixel_l2": ("pixel", {"metric": "l2", "k": 1}),
     "pixel_ncc": ("pixel", {"metric": "ncc", "k": 1}),
@@ -54,16 +58,34 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 Network kinds (frozen, triplet) are added per backbone by the caller, since they need weights."""
 
 
-def preset_settings(name: str, data: str | Path = "") -> tuple[str, dict[str, Any]]:
-    """(kind, settings) of preset ``name`` for the benchmark at ``data``: a shadow detector on a zoo benchmark
-    trains its shadows with the target's recipe (family, settings, temperature, size from ``zoo.json``)."""
+def resolve_settings(kind_name: str, settings: dict[str, Any], data: str | Path = "") -> dict[str, Any]:
+    """``settings`` of kind ``kind_name`` for the benchmark at ``data``: a shadow detector, or an ensemble's shadow
+    members, on a zoo benchmark trains its shadows with the target's recipe (family, settings, temperature, size
+    from ``zoo.json``); elsewhere the settings are kept, stand-in and all, with a warning."""
     from fingerprint.zoo.build import generator_recipe
 
-    kind_name, settings = PRESETS[name]
     settings = dict(settings)
-    if kind_name == "shadow" and data:
-        settings.update(generator_recipe(data) or {})
-    return kind_name, settings
+    ensemble = kind_name in ("rank_ensemble", "selected_ensemble")
+    shadows = [m for m in str(settings.get("members", "")).split(",") if needs_recipe(m.strip())] if ensemble else []
+    if not data or not (kind_name == "shadow" or shadows):
+        return settings
+    recipe = generator_recipe(data)
+    if recipe is None:
+        log.warning("%s: no generator recipe (zoo.json) in %s; its shadows are of the stand-in family %s", kind_name,
+                    data, settings.get("family") or PRESETS["shadow_gradient"][1]["family"])
+    elif kind_name == "shadow":
+        settings.update(recipe)
+    else:
+        given = json.loads(settings.get("member_settings") or "{}")
+        filled = {m.strip(): {**recipe, **given.get(m.strip(), {})} for m in shadows}
+        settings["member_settings"] = json.dumps({**given, **filled}, sort_keys=True)
+    return settings
+
+
+def preset_settings(name: str, data: str | Path = "") -> tuple[str, dict[str, Any]]:
+    """(kind, settings) of preset ``name`` for the benchmark at ``data`` (see :func:`resolve_settings`)."""
+    kind_name, settings = PRESETS[name]
+    return kind_name, resolve_settings(kind_name, settings, data)
 
 
 def needs_recipe(name: str) -> bool:
@@ -76,9 +98,8 @@ def needs_recipe(name: str) -> bool:
     return any(needs_recipe(m.strip()) for m in members.split(",") if m.strip() and m.strip() != name)
 
 __all__ = [
-    "PRESETS", "preset_settings", "needs_recipe", "Detector", "DetectorMeta", "FitData", "Scores", "create_detector",
-    "fit_detector", "finish_fit",
-    "is_detector_dir", "kind", "kinds", "load_detector", "register", "FeatureNN", "PixelNN", "GradientNN",
-    "SubspaceNN", "CalibratedNN", "DomainClassifier", "SSIMNN", "FrozenNN", "TripletNN", "RankEnsemble",
-    "SelectedEnsemble", "ShadowNN",
+    "PRESETS", "preset_settings", "resolve_settings", "needs_recipe", "Detector", "DetectorMeta", "FitData", "Scores",
+    "create_detector", "fit_detector", "finish_fit", "is_detector_dir", "kind", "kinds", "load_detector", "register",
+    "FeatureNN", "PixelNN", "GradientNN", "SubspaceNN", "CalibratedNN", "DomainClassifier", "SSIMNN", "FrozenNN",
+    "TripletNN", "RankEnsemble", "SelectedEnsemble", "ShadowNN",
 ]

@@ -216,7 +216,8 @@ class Detector:
     kind: ClassVar[str] = ""
     Settings: ClassVar[type] = type(None)
     family: ClassVar[str] = "?"
-    """'a' pixel, 'b' SSIM, 'c' frozen features, 'd' triplet fine-tuning, 'e' this project's detectors."""
+    """'a' pixel, 'b' SSIM, 'c' frozen features, 'd' triplet fine-tuning, 'e' this project's detectors, 'f' those
+    that train shadow generators."""
     learns: ClassVar[bool] = False
     """True: ``fit`` reads the labels of the training images (the harness refits it per fold)."""
     costly: ClassVar[bool] = False

@@ -21,7 +21,7 @@ from fingerprint.config import Range
 from fingerprint.detectors.base import Detector, Scores, create_detector, register
 from fingerprint.detectors.neighbours import FeatureNN
 from fingerprint.detectors.ssim import SSIMNN
-from fingerprint.knn import Gallery, SSIMGallery, topk_mean
+from fingerprint.knn import Gallery, SSIMGallery, make_gallery, topk_mean
 
 __all__ = ["CalibratedNN", "CalibratedSettings"]
 
@@ -70,8 +70,7 @@ class CalibratedNN(Detector):
 
     def _set_reference_features(self, vectors: np.ndarray) -> None:
         self._reference_features = np.asarray(vectors, dtype=np.float32)
-        self.reference = (SSIMGallery(self._reference_features) if self.inner.metric == "ssim"
-                          else Gallery(self._reference_features, self.inner.metric))
+        self.reference = make_gallery(self._reference_features, self.inner.metric)
 
     def real_similarity(self, features: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """(N,) mean similarity to the k nearest reference images outside each query's group (``rows``: the

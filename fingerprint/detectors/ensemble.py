@@ -8,6 +8,7 @@ members with the best AUC on the training labels (ties go to the larger subset, 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -26,6 +27,9 @@ __all__ = ["RankEnsemble", "SelectedEnsemble"]
 class EnsembleSettings:
     members: str = "pixel_ncc,gradient_nn"
     """Comma-separated presets (see fingerprint.detectors.PRESETS), each a label-free detector."""
+    member_settings: str = "{}"
+    """JSON object: per member preset, settings that replace the preset's (e.g. the generator recipe of a shadow
+    member, filled in from a zoo benchmark's zoo.json)."""
 
 
 def _mid_rank(sorted_ref: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -50,6 +54,18 @@ class RankEnsemble(Detector):
         if not self.names or unknown:
             raise ConfigError([f"--members: unknown preset(s) {', '.join(unknown) or '(none given)'}; "
                                f"known: {', '.join(PRESETS)}"])
+        try:
+            self.member_overrides: dict[str, dict[str, Any]] = json.loads(settings.member_settings)
+            if not isinstance(self.member_overrides, dict) or not all(
+                    isinstance(v, dict) for v in self.member_overrides.values()):
+                raise ValueError("not an object of objects")
+        except ValueError as e:
+            raise ConfigError([f"--member-settings: a JSON object of settings per member, such as "
+                               f"'{{\"gradient_cal\": {{\"k\": 5}}}}' ({e}): {settings.member_settings!r}"]) from e
+        strangers = sorted(set(self.member_overrides) - set(self.names))
+        if strangers:
+            raise ConfigError([f"--member-settings: {', '.join(strangers)} not among --members "
+                               f"({', '.join(self.names)})"])
         self.members: list[Detector] = []
         self.pool_scores = np.zeros((0, 0))
         """(members, R) each member's score of every reference image, in reference order."""
@@ -64,7 +80,7 @@ class RankEnsemble(Detector):
         out = []
         for name in self.names:
             kind_name, settings = PRESETS[name]
-            d = create_detector(kind_name, settings)
+            d = create_detector(kind_name, {**settings, **self.member_overrides.get(name, {})})
             if d.learns:
                 raise ConfigError([f"--members: {name} learns from labels; ensemble members must not"])
             d.meta.extra["name"] = name

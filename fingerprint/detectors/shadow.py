@@ -27,7 +27,7 @@ from fingerprint.detectors.calibrated import BASES, CalibratedSettings
 from fingerprint.detectors.neighbours import FeatureNN
 from fingerprint.detectors.ssim import SSIMNN
 from fingerprint.features.handcrafted import images_to_array
-from fingerprint.knn import Gallery, SSIMGallery, topk_mean
+from fingerprint.knn import Gallery, SSIMGallery, make_gallery, topk_mean
 
 __all__ = ["ShadowNN", "shadow_halves"]
 
@@ -44,28 +44,32 @@ class ShadowSettings(CalibratedSettings):
     the target's, where they are known."""
     temperature: Annotated[float, Range(0, lo_open=True)] = 1.0
     """Sampler temperature of the shadows."""
-    shadows: Annotated[int, Range(2)] = 4
+    shadows: Annotated[int, Range(2, 100)] = 4
     """Shadow generators, in complementary pairs (an even number): each pool image is left out by half."""
     generator_size: Annotated[int, Range(0)] = 0
-    """Side the shadows train and sample at (a power of two >= 16); 0: the reference images' own side."""
+    """Side the shadows train and sample at (a power of two >= 16); 0: the reference images' own side. Their
+    samples are saved with the detector (shadows x samples x side^2 bytes)."""
     samples: Annotated[int, Range(0)] = 0
     """Images sampled per shadow; 0: as many as the gallery holds (similarities grow with the gallery's size)."""
-    seed: int = 0
+    seed: Annotated[int, Range(0)] = 0
     """Seed of the halves, the shadows' training and their samples."""
 
 
 def shadow_halves(groups: np.ndarray, shadows: int, seed: int) -> np.ndarray:
     """(shadows, R) bool: which reference images each shadow trains on. Shadows 2j and 2j+1 split the pool's
-    groups into complementary halves of about equal image counts, so no group is on both sides of a pair."""
+    groups into complementary halves, so no group is on both sides of a pair: the groups, shuffled, each go to the
+    side holding fewer images so far, so the halves differ by at most the largest group's size."""
     groups = np.asarray(groups)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7]))
     uniq, sizes = np.unique(groups, return_counts=True)
     out = np.zeros((shadows, len(groups)), dtype=bool)
     for j in range(0, shadows, 2):
-        order = rng.permutation(len(uniq))
-        first = uniq[order[np.cumsum(sizes[order]) <= len(groups) / 2]]
-        if len(first) in (0, len(uniq)):  # one group larger than half the pool: split by order instead
-            first = uniq[order[: max(1, len(uniq) // 2)]]
+        first, load = [], [0, 0]
+        for g in rng.permutation(len(uniq)):
+            side = int(load[1] < load[0])
+            load[side] += int(sizes[g])
+            if side == 0:
+                first.append(uniq[g])
         out[j] = np.isin(groups, first)
         out[j + 1] = ~out[j]
     return out
@@ -77,7 +81,7 @@ class ShadowNN(Detector):
     nearest samples of same-family shadow generators trained without the image."""
 
     Settings = ShadowSettings
-    family = "e"
+    family = "f"
 
     def __init__(self, settings) -> None:  # noqa: ANN001
         super().__init__(settings)
@@ -125,6 +129,12 @@ class ShadowNN(Detector):
             raise ConfigError([f"shadow.generator_size: {s.family} {why}; set generator_size"])
         pool = images_to_array(reference, size)
         members = shadow_halves(self.reference_groups, s.shadows, s.seed)
+        small = int(min(members.sum(axis=1).min(), (~members).sum(axis=1).min()))
+        if small < 2:
+            raise ConfigError([f"shadow.shadows: a shadow would train on {small} image(s): the reference pool's "
+                               f"{len(pool)} images form {len(np.unique(self.reference_groups))} pseudo-patient "
+                               "group(s), and each half needs at least 2 images. Give more real images (or "
+                               "patients), or use another kind."])
         n = s.samples or len(generated)
         pixels = np.empty((s.shadows, n, size, size), dtype=np.uint8)
         for j in range(s.shadows):
@@ -141,9 +151,8 @@ class ShadowNN(Detector):
         self._shadow_pixels = pixels
         self._shadow_galleries = []
         for block in pixels:
-            f = self.inner.features([Image.fromarray(p, mode="L") for p in block])
-            self._shadow_galleries.append(SSIMGallery(f) if self.inner.metric == "ssim"
-                                          else Gallery(f, self.inner.metric))
+            self._shadow_galleries.append(make_gallery(
+                self.inner.features([Image.fromarray(p, mode="L") for p in block]), self.inner.metric))
 
     # -- scoring
 

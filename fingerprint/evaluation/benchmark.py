@@ -239,7 +239,7 @@ def named(kind_name: str, settings: dict[str, Any], name: str) -> Detector:
 
 
 def family_of(d: Detector) -> str:
-    """The table's family (a-e) of ``d``: its place in FAMILIES (pixel_mass is one of ours, e, although its kind
+    """The table's family (a-f) of ``d``: its place in FAMILIES (pixel_mass is one of ours, e, although its kind
     is the pixel baseline's), else its kind's."""
     base = d.kind if d.kind in ("frozen", "triplet") else d.name
     return next((f for f, names in FAMILIES.items() if base in names), d.family)

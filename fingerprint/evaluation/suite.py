@@ -321,14 +321,16 @@ def make_bench(path: str | Path) -> Bench:
 
 
 def content_hash(path: str | Path) -> str:
-    """sha256 of every file under ``dev/`` and ``test/`` (relative path and bytes) and a root manifest.csv.
+    """sha256 of every file under ``dev/`` and ``test/`` (relative path and bytes), a root manifest.csv and
+    groups.csv (the folds and intervals follow it).
 
-    ``test_labels.csv``, ``groups.csv``, ``zoo.json`` and the README are left out: nothing cached depends on them.
+    ``test_labels.csv``, ``zoo.json`` and the README are left out: what a shadow candidate reads from zoo.json (the
+    generator's recipe) is part of its settings, hence of the cache key.
     """
     root = Path(path)
     h = hashlib.sha256()
     files = [p for sub in ("dev", "test") for p in (root / sub).rglob("*") if p.is_file()]
-    files += [root / fpdata.MANIFEST_NAME] if (root / fpdata.MANIFEST_NAME).is_file() else []
+    files += [root / name for name in (fpdata.MANIFEST_NAME, GROUPS_FILE) if (root / name).is_file()]
     for p in sorted(files):
         h.update(str(p.relative_to(root)).encode() + b"\0")
         h.update(p.read_bytes())
@@ -374,8 +376,9 @@ def code_digest() -> str:
 
     root = Path(fingerprint.__file__).parent
     h = hashlib.sha256()
+    # zoo/: shadow candidates train its generators.
     for p in sorted([*root.glob("detectors/**/*.py"), *root.glob("features/*.py"), root / "knn.py",
-                     *root.glob("data/*.py")]):
+                     *root.glob("data/*.py"), *root.glob("zoo/*.py")]):
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 

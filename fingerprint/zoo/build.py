@@ -515,12 +515,17 @@ def generator_recipe(path: str | Path) -> dict[str, Any] | None:
     Only the recipe is read, never the split or the checks: a shadow detector may assume the target's family and
     training settings are known, not its training set."""
     file = Path(path) / "zoo.json"
+    if not file.is_file():
+        return None
     try:
-        record = json.loads(file.read_text()) if file.is_file() else None
-    except (OSError, ValueError):
+        record = json.loads(file.read_text())
+        build = record.get("build") or {}
+        recipe = {"family": str(record["family"]),
+                  "generator_settings": json.dumps(dict(record["settings"]), sort_keys=True),
+                  "temperature": float(build.get("temperature", 1.0)),
+                  "generator_size": int(build.get("image_size", 0))}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        log.warning("%s: no usable generator recipe (%s: %s); shadow detectors use their stand-in", file,
+                    type(e).__name__, e)
         return None
-    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict) or "family" not in record:
-        return None
-    build = record.get("build") if isinstance(record.get("build"), dict) else {}
-    return {"family": str(record["family"]), "generator_settings": json.dumps(record["settings"], sort_keys=True),
-            "temperature": float(build.get("temperature", 1.0)), "generator_size": int(build.get("image_size", 0))}
+    return recipe
