@@ -84,8 +84,8 @@ def test_verdict_without_memorisation_says_no_evidence_and_withdraws_the_decisio
     v = judge(ev, "per_image")
     assert ev.memorisation.p_value > 0.05
     assert v.level == "no_evidence" and not v.findings
-    assert re.fullmatch(r"No evidence of memorisation \(p = [0-9.]+\); per-image decisions would be at chance\.",
-                        v.headline)
+    assert re.fullmatch(r"No evidence of memorisation \(p = [0-9.]+\); not an all-clear: these labels cannot "
+                        r"tell per-image decisions from chance\.", v.headline)
     assert "must not be read as accusations" in v.warning
 
 
@@ -234,7 +234,7 @@ def test_a_report_without_evidence_shows_its_decisions_as_withdrawn(page, not_me
     path = write_report(tmp_path / "quiet.html", inputs_of(not_memorising))
     pg.goto(path.as_uri())
     assert pg.inner_text("#verdict").startswith("No evidence of memorisation (p = ")
-    assert pg.is_visible("#table-warning") and "at chance" in pg.inner_text("#table-warning")
+    assert pg.is_visible("#table-warning") and "from chance" in pg.inner_text("#table-warning")
     opacity = pg.eval_on_selector("#images", "t => getComputedStyle(t).opacity")
     assert float(opacity) < 1
     assert pg.eval_on_selector_all("img", "imgs => imgs.every(i => i.naturalWidth > 0)")

@@ -17,7 +17,8 @@ on the first ``--trained-repeats`` repeats only. Ensembles reuse the member dete
 (``RankEnsemble.prefitted``), and the members' scores, so nothing is computed twice. Each metric gets a
 bootstrap 95% interval that resamples whole pseudo-patient groups (stratified by class), and each detector's
 out-of-fold scores (first repeat) get a group-level permutation test of "no memorisation"
-(:mod:`fingerprint.evaluation.memorisation`): per-image decisions of a detector whose p > 0.05 are at chance.
+(:mod:`fingerprint.evaluation.memorisation`): per-image decisions of a detector whose p > 0.05 cannot be told from
+chance on the dev labels (which does not clear the generator).
 
 Writes to ``--out``: ``results.md`` (table), ``results.json`` (everything, per repeat), ``roc.png`` and
 ``roc_log.png`` (out-of-fold dev ROC curves), ``dev_scores.csv`` (out-of-fold dev scores of every detector),
@@ -520,7 +521,8 @@ def memorisation_warning(g: dict[str, Any]) -> str | None:
         "its per-image decisions"
     return (f"WARNING: {m['detector']} shows no evidence of memorisation on the dev images (permutation test over "
             f"{m['n_groups']} {m['unit']}s, p = {format_p(m['p_value'])} > {ALPHA}): {what} are not supported by "
-            "evidence; they would be at chance.")
+            "evidence: these labels cannot tell them from chance. This is not an all-clear: with few labelled "
+            "images the test has little power.")
 
 
 def settings_text(d: Detector) -> str:
@@ -567,7 +569,8 @@ def _markdown(config: BenchmarkConfig, data: FitData, runs: list[Run], g: dict[s
         f"p (memorisation): one-sided permutation test of \"the scores do not separate used from not-used\" on "
         f"the out-of-fold dev AUC of the first repeat, labels permuted among whole groups ({N_PERMUTATIONS} "
         f"permutations; smallest possible p {format_p(1 / (N_PERMUTATIONS + 1))}). p > {ALPHA}: no evidence of "
-        "memorisation, the detector's per-image decisions would be at chance. A small p for a `distribution` or "
+        "memorisation: the dev labels cannot tell the detector's per-image decisions from chance (not an "
+        "all-clear: with few labelled images the test has little power). A small p for a `distribution` or "
         "`mixed` detector shows a population difference, not that single images were memorised.",
         "",
     ]

@@ -76,7 +76,8 @@ def format_p(p: float) -> str:
 def verdict_text(auc: float, p: float) -> str:
     """The verdict for reports: no evidence of memorisation when p > 0.05, else that the scores separate."""
     if p > ALPHA:
-        return f"no evidence of memorisation (p = {format_p(p)}): per-image decisions would be at chance"
+        return (f"no evidence of memorisation (p = {format_p(p)}): these labels cannot tell per-image decisions "
+                "from chance; not an all-clear (few labelled images give the test little power)")
     return f"the scores separate training members from non-members (AUC {auc:.3f}, p = {format_p(p)})"
 
 

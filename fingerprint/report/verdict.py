@@ -4,7 +4,8 @@ Two questions, answered in this order:
 
 1. Do the scores separate the generator's training images (members) from other real images at all? The group
    permutation test of :mod:`fingerprint.evaluation.memorisation`; without evidence (p > 0.05) nothing else is
-   claimed and per-image decisions are shown as what they are: at chance.
+   claimed and per-image decisions are shown as what they are: not distinguishable from chance on these labels
+   (which is not an all-clear either: a small labelled set gives the test little power).
 2. How many training images would an attacker identify without accusing innocent ones? The true-positive rate
    at a 1% false-positive rate, with a group bootstrap interval (:func:`fingerprint.evaluation.metrics.bootstrap_ci`).
 
@@ -139,10 +140,12 @@ def judge(evidence: Evidence | None, signal: str = "per_image", n_scored: int = 
     if not mem.evidence:
         return Verdict(
             "no_evidence",
-            f"No evidence of memorisation (p = {p}); per-image decisions would be at chance.",
+            f"No evidence of memorisation (p = {p}); not an all-clear: these labels cannot tell per-image "
+            "decisions from chance.",
             details=details, findings=False,
-            warning=f"No evidence of memorisation (p = {p} > {ALPHA}): the decisions below are at chance and must "
-                    "not be read as accusations.")
+            warning=f"No evidence of memorisation (p = {p} > {ALPHA}): the decisions below cannot be told from chance "
+                    "on these labels and must not be read as accusations; nor does this clear the generator (with "
+                    "few labelled images the test has little power).")
     if signal == "distribution":
         return Verdict(
             "population",
