@@ -293,6 +293,16 @@ def test_shadow_detectors_train_shadows_with_the_zoo_benchmarks_recipe(built, sa
     assert kind == "shadow" and settings["image_size"] == 32 and recipe.items() <= settings.items()
     assert bm.preset("shadow_gradient", bm.BenchmarkConfig(data=str(sample_bench)))[1]["family"] == \
         PRESETS["shadow_gradient"][1]["family"]
+    # A benchmark without zoo.json takes a recipe file (--recipe), shaped like one; a bad one names the flag.
+    given = bm.BenchmarkConfig(data=str(sample_bench), recipe=str(built / "zoo.json"), image_size=32)
+    assert recipe.items() <= bm.preset("shadow_gradient", given)[1].items()
+    (tmp_path / "bad.json").write_text('{"family": "dcgan"}')
+    for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
+        problems = bm.BenchmarkConfig(data=str(sample_bench), recipe=str(bad), detectors="f",
+                                     submit="none").problems()
+        assert len(problems) == 1 and problems[0].startswith("--recipe:") and str(bad) in problems[0]
+    for shipped in (ROOT / "benchmarks" / "recipes").glob("*.json"):  # the shared ctbench sets' recipes
+        assert generator_recipe(shipped)["family"] == "dcgan", shipped
     _, fit_settings = FitConfig(data=str(built), preset="shadow_gradient", settings='{"shadows": 2}').resolved()
     assert fit_settings["shadows"] == 2 and fit_settings["family"] == "ae_gmm"
     assert FitConfig(data=str(built), kind="shadow", settings='{"family": "vae"}').resolved()[1]["family"] == "vae"

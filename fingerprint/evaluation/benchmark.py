@@ -65,6 +65,7 @@ from fingerprint.evaluation.plots import roc_plot
 from fingerprint.features.backbones import weights_file
 from fingerprint.io import write_csv_atomic, write_text_atomic
 from fingerprint.report import write_benchmark_audit
+from fingerprint.zoo.build import generator_recipe
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,11 @@ class BenchmarkConfig:
     group_threshold: float = 0.95
     """Pseudo-patient grouping of real images without group ids: average-linkage clusters of 32x32 thumbnails
     whose mean correlation is at least this (fingerprint.data.images.infer_groups)."""
+    recipe: str = ""
+    """How the benchmark's generator was trained, for the shadow detectors (family f) where the benchmark has no
+    zoo.json: a JSON file shaped like one, {"family": "dcgan", "settings": {...}, "build": {"temperature": 1.0,
+    "image_size": 64}} (benchmarks/recipes/ holds the shared ctbench sets'). Empty: the benchmark's zoo.json, else
+    the presets' stand-in."""
     submit: str = "best"
     """Detector whose test predictions are written (submission.csv, scores.csv, detector/); 'auto' = highest
     mean dev AUC, 'none' = write none."""
@@ -163,6 +169,12 @@ class BenchmarkConfig:
             out.append(f"{flag('data')}: required, a benchmark folder such as ../shared/bench/ctbench-s1")
         elif not Path(self.data).exists():
             out.append(f"{flag('data')}: '{self.data}' does not exist")
+        if self.recipe and not Path(self.recipe).is_file():
+            out.append(f"{flag('recipe')}: '{self.recipe}' is not a file; give a JSON generator recipe such as "
+                       "benchmarks/recipes/ctbench-s0.json")
+        elif self.recipe and generator_recipe(self.recipe) is None:
+            out.append(f"{flag('recipe')}: '{self.recipe}' is not a generator recipe: a JSON object with 'family', "
+                       "'settings' (an object) and optionally 'build' (temperature, image_size), as zoo.json")
         asked = self.requested()
         unknown = [n for n in asked if n not in NAMES]
         if unknown:
@@ -219,7 +231,7 @@ def _split(text: str) -> list[str]:
 
 def preset(name: str, config: BenchmarkConfig) -> tuple[str, dict[str, Any]]:
     """(kind, settings) of preset ``name`` at the harness's image size (and seed, for the domain classifier)."""
-    kind_name, settings = preset_settings(name, config.data)
+    kind_name, settings = preset_settings(name, config.recipe or config.data)
     size = config.image_size
     if kind_name in ("pixel", "subspace", "ssim", "gradient", "domain"):
         settings["image_size"] = size

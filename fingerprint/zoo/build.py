@@ -510,11 +510,12 @@ def build_suite(spec: str | Path, out: str | Path, *, pool: Sequence[str] | None
 
 def generator_recipe(path: str | Path) -> dict[str, Any] | None:
     """How the generator of the zoo benchmark at ``path`` was trained, as settings of the ``shadow`` detector kind
-    (family, its settings, sampler temperature, image side), from ``zoo.json``; None without a usable one.
+    (family, its settings, sampler temperature, image side), from its ``zoo.json``, or from ``path`` itself when it
+    is a file shaped like one; None without a usable one.
 
     Only the recipe is read, never the split or the checks: a shadow detector may assume the target's family and
     training settings are known, not its training set."""
-    file = Path(path) / "zoo.json"
+    file = Path(path) if Path(path).is_file() else Path(path) / "zoo.json"
     if not file.is_file():
         return None
     try:
