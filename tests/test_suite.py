@@ -215,6 +215,15 @@ def test_extras_without_a_generator_recipe_get_the_best_candidate_without_shadow
     assert pick == "gradient_cal" and "shadow_ensemble" in why and "zoo.json" in why  # mean 0.75 vs 0.74
     rep["suite_choice"]["mean"]["candidate"] = "cal_ensemble"
     assert suite.extra_choice(config, rep, plain) == ("cal_ensemble", "")
+    # A recipe given with --extra-recipes counts as the benchmark's own; a bad or extra one names the flag.
+    rep["suite_choice"]["mean"]["candidate"] = "shadow_ensemble"
+    assert suite.extra_choice(config, rep, plain, str(zoo / "zoo.json")) == ("shadow_ensemble", "")
+    (tmp_path / "bad.json").write_text("[]")
+    for recipes, what in ((f"{zoo / 'zoo.json'},{zoo / 'zoo.json'}", "2 entries for 1"), (str(tmp_path / "bad.json"),
+                                                                                        "not a generator recipe")):
+        problems = [p for p in SuiteConfig(suite=str(tmp_path), extra=str(plain), extra_recipes=recipes).problems()
+                    if p.startswith("--extra-recipes")]
+        assert len(problems) == 1 and what in problems[0], problems
     only_shadows = {**rep, "candidates": [{"name": "shadow_ensemble"}]}
     only_shadows["suite_choice"] = {"mean": {"candidate": "shadow_ensemble"}}
     pick, why = suite.extra_choice(config, only_shadows, plain)

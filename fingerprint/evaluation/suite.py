@@ -109,6 +109,10 @@ class SuiteConfig:
     """Comma-separated benchmark folders without test labels (e.g. ../shared/bench/ctbench-s0): the detector
     chosen on the whole suite is fitted on their dev labels and writes <out>/<name>/submission.csv, scores.csv
     and detector/."""
+    extra_recipes: str = ""
+    """Comma-separated generator recipes (JSON files shaped like zoo.json, as `fingerprint benchmark --recipe`),
+    one per --extra benchmark in order, an empty entry for none: with one, the suite's choice may train shadow
+    generators there; without, a benchmark lacking zoo.json gets the best candidate that trains none."""
     out: str = "benchmarks/suite"
     """Output folder: suite.md, suite.json, suite_auc.png, cache/ (per benchmark and candidate), and one folder
     per --extra benchmark."""
@@ -161,7 +165,12 @@ class SuiteConfig:
     def extras(self) -> list[Path]:
         return [Path(p) for p in _split(self.extra)]
 
-    def benchmark_config(self, data: str | Path = "") -> BenchmarkConfig:
+    def recipes(self) -> list[str]:
+        """--extra-recipes, one entry per --extra benchmark ('' for none)."""
+        given = [r.strip() for r in self.extra_recipes.split(",")] if self.extra_recipes.strip() else []
+        return given + [""] * (len(self.extras()) - len(given))
+
+    def benchmark_config(self, data: str | Path = "", recipe: str = "") -> BenchmarkConfig:
         """The harness's settings for one benchmark of this suite (presets, splits, fitting)."""
         asked = [n for n in self.candidate_names() if n in PRESETS] + (["frozen"] if self.backbones.strip() else [])
         asked += ["triplet"] if "triplet" in self.candidate_names() else []
@@ -170,7 +179,7 @@ class SuiteConfig:
             weights_dir=self.weights_dir, folds=self.folds, repeats=self.repeats,
             trained_repeats=min(self.trained_repeats, self.repeats), image_size=self.image_size,
             frozen_image_size=self.frozen_image_size, group_threshold=self.group_threshold, n_boot=self.n_boot,
-            seed=self.seed, device=self.device, skip_bad=self.skip_bad, submit="none")
+            seed=self.seed, device=self.device, skip_bad=self.skip_bad, submit="none", recipe=recipe)
 
     def problems(self) -> list[str]:
         out = check_fields(self)
@@ -183,6 +192,12 @@ class SuiteConfig:
                 out.append(f"{flag('extra')}: '{p}' is named like a --suite benchmark or '{CACHE_DIR}'; its "
                            f"outputs go to <out>/{p.name}: rename or copy it")
             names.append(p.name)
+        if self.extra_recipes.strip() and len(self.extra_recipes.split(",")) > len(self.extras()):
+            out.append(f"{flag('extra_recipes')}: {len(self.extra_recipes.split(','))} entries for "
+                       f"{len(self.extras())} {flag('extra')} benchmark(s); give one per benchmark, in order")
+        for r in filter(None, self.recipes()):
+            out += [p.replace("--recipe", flag("extra_recipes")) for p in BenchmarkConfig(recipe=r).problems()
+                    if p.startswith("--recipe")]
         asked = self.candidate_names()
         known = [*PRESETS, "triplet"]
         unknown = [n for n in asked if n not in known]
@@ -355,9 +370,9 @@ def test_groups(bench: Path, ids: Sequence[str]) -> tuple[np.ndarray, str] | Non
 # ------------------------------------------------------------------------------------------- candidates
 
 
-def build_candidates(config: SuiteConfig, data: str | Path = "") -> list[Detector]:
+def build_candidates(config: SuiteConfig, data: str | Path = "", recipe: str = "") -> list[Detector]:
     """Unfitted candidates in --candidates order (frozen_<backbone> after the presets, then triplet_*)."""
-    bconf = config.benchmark_config(data)
+    bconf = config.benchmark_config(data, recipe)
     built = {d.name: d for d in build_detectors(bconf)}
     order = [n for n in config.candidate_names() if n in PRESETS]
     nets = [n for n in built if n.startswith("frozen_")] + [n for n in built if n.startswith("triplet_")]
@@ -861,27 +876,29 @@ def auc_picture(rep: dict[str, Any], path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ extras
 
 
-def extra_choice(config: SuiteConfig, rep: dict[str, Any], path: Path) -> tuple[str, str]:
+def extra_choice(config: SuiteConfig, rep: dict[str, Any], path: Path, recipe: str = "") -> tuple[str, str]:
     """(candidate, why) for an --extra benchmark: the whole suite's choice, unless it trains shadow generators
-    and the benchmark has no generator recipe (zoo.json): then the rule's choice among the other candidates, since
-    stand-in shadows of a guessed family measure something else."""
+    and the benchmark has no generator recipe (``recipe``, else its zoo.json): then the rule's choice among the
+    other candidates, since stand-in shadows of a guessed family measure something else."""
     chosen = rep["suite_choice"][config.rule]["candidate"]
-    if not needs_recipe(chosen) or generator_recipe(path) is not None:
+    if not needs_recipe(chosen) or generator_recipe(recipe or path) is not None:
         return chosen, ""
     among = [c["name"] for c in rep["candidates"] if not needs_recipe(c["name"])]
     if not among:
         return chosen, "no candidate without shadow generators; shadows of a stand-in family"
     pick = choose(rep["dev_auc"], list(rep["dev_auc"]), config.rule, among)[0]
     return pick, (f"the suite's choice `{chosen}` trains shadow generators and this benchmark has no recipe of its "
-                  f"generator (zoo.json): `{pick}` is the {config.rule} rule's choice among the others")
+                  f"generator (zoo.json, {flag('extra_recipes')}): `{pick}` is the {config.rule} rule's choice among "
+                  "the others")
 
 
-def submit_extra(config: SuiteConfig, path: Path, candidate: str, why: str, out: Path) -> dict[str, Any]:
+def submit_extra(config: SuiteConfig, path: Path, candidate: str, why: str, out: Path, recipe: str = ""
+                 ) -> dict[str, Any]:
     """Fit ``candidate`` on all dev labels of an --extra benchmark and write its submission, scores and detector
     to ``<out>/<name>/`` (skipped when already written for the same images and candidate). ``why``: the reason
     it is not the suite's choice, if it is not."""
     bench_out = out / path.name
-    det = next(d for d in build_candidates(config, path) if d.name == candidate)
+    det = next(d for d in build_candidates(config, path, recipe) if d.name == candidate)
     key = {"version": CACHE_VERSION, "code": code_digest(), "content": content_hash(path), "candidate": candidate,
            "kind": det.kind, "settings": det.meta.settings, "seed": config.seed,
            "group_threshold": config.group_threshold, "skip_bad": config.skip_bad}
@@ -897,7 +914,7 @@ def submit_extra(config: SuiteConfig, path: Path, candidate: str, why: str, out:
                                   group_threshold=config.group_threshold)
     if not (data.labels < 0).any():
         raise ConfigError([f"{flag('extra')}: '{path}' has no test/real_unknown images to submit for"])
-    fitted = Fitted(data, config.benchmark_config(path))
+    fitted = Fitted(data, config.benchmark_config(path, recipe))
     if det.learns:
         fitted.share_members(det)
         det.fit(data)
@@ -944,7 +961,8 @@ def run(config: SuiteConfig) -> dict[str, Any]:
                  bench.memorisation)
         results[bench.name] = evaluate_benchmark(config, bench, out)
     rep = report(config, benches, results)
-    extras = [submit_extra(config, p, *extra_choice(config, rep, p), out) for p in config.extras()]
+    extras = [submit_extra(config, p, *extra_choice(config, rep, p, r), out, r)
+              for p, r in zip(config.extras(), config.recipes(), strict=True)]
     work = {k: COUNTERS[k] - before[k] for k in COUNTERS}
     seconds = time.perf_counter() - t0
     md = markdown(config, rep, extras, seconds, work)
