@@ -169,12 +169,7 @@ class BenchmarkConfig:
             out.append(f"{flag('data')}: required, a benchmark folder such as ../shared/bench/ctbench-s1")
         elif not Path(self.data).exists():
             out.append(f"{flag('data')}: '{self.data}' does not exist")
-        if self.recipe and not Path(self.recipe).is_file():
-            out.append(f"{flag('recipe')}: '{self.recipe}' is not a file; give a JSON generator recipe such as "
-                       "benchmarks/recipes/ctbench-s0.json")
-        elif self.recipe and generator_recipe(self.recipe) is None:
-            out.append(f"{flag('recipe')}: '{self.recipe}' is not a generator recipe: a JSON object with 'family', "
-                       "'settings' (an object) and optionally 'build' (temperature, image_size), as zoo.json")
+        out += recipe_problems(self.recipe, "recipe")
         asked = self.requested()
         unknown = [n for n in asked if n not in NAMES]
         if unknown:
@@ -220,6 +215,17 @@ class BenchmarkConfig:
             out.append(f"{flag('submit')}: '{self.submit}' is not among the detectors run ({', '.join(asked)}); "
                        "name one of them, auto or none")
         return out
+
+
+def recipe_problems(recipe: str, name: str) -> list[str]:
+    """Problems of a generator recipe file given with flag ``name`` (none when it is empty)."""
+    if recipe and not Path(recipe).is_file():
+        return [f"{flag(name)}: '{recipe}' is not a file; give a JSON generator recipe such as "
+                "benchmarks/recipes/ctbench-s0.json"]
+    if recipe and generator_recipe(recipe) is None:
+        return [f"{flag(name)}: '{recipe}' is not a generator recipe: a JSON object with 'family', 'settings' (an "
+                "object) and optionally 'build' (temperature, image_size), as zoo.json"]
+    return []
 
 
 def _split(text: str) -> list[str]:

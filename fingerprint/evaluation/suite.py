@@ -62,6 +62,7 @@ from fingerprint.evaluation.benchmark import (
     evaluate_detector,
     family_of,
     fit_for_submission,
+    recipe_problems,
     summarise,
     write_test_predictions,
 )
@@ -195,9 +196,8 @@ class SuiteConfig:
         if self.extra_recipes.strip() and len(self.extra_recipes.split(",")) > len(self.extras()):
             out.append(f"{flag('extra_recipes')}: {len(self.extra_recipes.split(','))} entries for "
                        f"{len(self.extras())} {flag('extra')} benchmark(s); give one per benchmark, in order")
-        for r in filter(None, self.recipes()):
-            out += [p.replace("--recipe", flag("extra_recipes")) for p in BenchmarkConfig(recipe=r).problems()
-                    if p.startswith("--recipe")]
+        for r in self.recipes():
+            out += recipe_problems(r, "extra_recipes")
         asked = self.candidate_names()
         known = [*PRESETS, "triplet"]
         unknown = [n for n in asked if n not in known]
