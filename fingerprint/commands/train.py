@@ -139,9 +139,11 @@ def _train(config: TrainConfig, out: Path, state: dict[str, Any] | None, done: l
     write_text_atomic(out / "split.json", json.dumps(data.split, indent=2))
 
     def checkpoint(end: EpochEnd) -> None:
-        with sigint_deferred():  # Ctrl-C during the write waits for it: the folder always holds a whole epoch
+        # Ctrl-C during the write waits for it, so the folder always holds a whole epoch; the epoch is counted
+        # inside too, or a Ctrl-C deferred to the end of the write would report the saved epoch as unfinished.
+        with sigint_deferred():
             end.save(out / "checkpoint")
-        done.append(end.epoch)
+            done.append(end.epoch)
         if on_epoch is not None:
             on_epoch(end)
 
