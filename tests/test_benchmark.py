@@ -105,7 +105,7 @@ def test_benchmark_end_to_end(sample_bench: Path, data: FitData, tmp_path: Path)
     md = (out / "results.md").read_text()
     assert "AUC [95% CI]" in md and "best of (a)-(c)" in md and "chosen for test" in md
     assert "| signal" in md and "distribution" in md and "--model <out>/detector" in md
-    assert "p (memorisation)" in md and "resampling unit: whole groups" in md
+    assert "p (memorisation)" in md and "detectable AUC" in md and "resampling unit: whole groups" in md
     assert "as a population" in md and "not by memorisation of individual images" in md
     assert f"Memorisation test on best (signal {by_name['best']['signal']}" in md
     assert res["goals"]["memorisation"]["verdict"] in md
@@ -218,6 +218,7 @@ def test_no_signal_submission_is_flagged(data: FitData) -> None:
     warning = memorisation_warning(g)
     assert warning.startswith("WARNING: pixel_l2 shows no evidence of memorisation")
     assert "submission's per-image decisions" in warning and "not supported by evidence" in warning
+    assert f"detect a separation only from AUC {noise.memorisation.detectable_auc:.2f} (80% power)" in warning
     # Perfectly separating scores: as much evidence as the groups allow, and no warning.
     assert signal.memorisation.auc == 1.0
     assert goals(runs, "best")["memorisation"]["detector"] == "best"

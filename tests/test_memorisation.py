@@ -33,9 +33,40 @@ def test_random_scores_give_no_evidence() -> None:
     assert res.n_permutations == 2000 and res.n_groups == 60 and res.unit == "group"
     assert res.auc == pytest.approx(roc_auc_score(y, s))
     assert res.verdict.startswith("no evidence of memorisation (p = ")
-    assert res.verdict.endswith("): these labels cannot tell per-image decisions from chance; not an all-clear "
-                                "(few labelled images give the test little power)")
+    assert res.verdict.endswith("): these labels cannot tell per-image decisions from chance; not an all-clear: "
+                                f"these labels detect a separation only from AUC {res.detectable_auc:.2f} (80% "
+                                "power); weaker memorisation passes unnoticed")
+    assert 0.5 < res.detectable_auc < 1.0
     assert res == memorisation_test(y, s, g)  # seeded: reproducible
+
+
+@pytest.mark.parametrize("slices", [1, 4])
+def test_detectable_auc_is_found_about_four_times_in_five(slices: int) -> None:
+    # Fixed labels and patients; scores = patient effect + signal * label (+ slice jitter). Set the signal so the
+    # patient-level AUC equals the detectable AUC of a null draw, then count how often the test finds it.
+    from scipy.stats import norm
+
+    y, s0, g = _patients(11, n_groups=50, slices=slices, jitter=0.3)
+    detectable = memorisation_test(y, s0, g, n_permutations=1000).detectable_auc
+    signal = np.sqrt(2) * norm.ppf(detectable)
+    found = []
+    for seed in range(120):
+        rng = np.random.default_rng(1000 + seed)
+        s = (rng.normal(size=50) + signal * y[::slices])[g] + 0.3 * rng.normal(size=g.size)
+        found.append(memorisation_test(y, s, g, n_permutations=300, seed=seed).evidence)
+    assert 0.65 <= np.mean(found) <= 0.95
+
+
+def test_more_patients_detect_weaker_memorisation() -> None:
+    small = memorisation_test(*_patients(12, n_groups=20)).detectable_auc
+    large = memorisation_test(*_patients(12, n_groups=200)).detectable_auc
+    assert 0.5 < large < small <= 1.0
+
+
+def test_a_null_without_spread_has_no_detectable_auc() -> None:
+    res = memorisation_test([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4], ["a", "a", "b", "b"], n_permutations=1)
+    assert np.isnan(res.detectable_auc)
+    assert "few labelled images give the test little power" in res.verdict
 
 
 def test_p_values_are_roughly_uniform_under_h0() -> None:
@@ -75,10 +106,12 @@ def test_duplicated_slices_do_not_make_p_smaller() -> None:
     assert grouped.auc == pytest.approx(one.auc)
     assert grouped.p_value >= one.p_value - 1e-12
     assert grouped.p_value == pytest.approx(one.p_value)  # the same test: copies add no evidence
+    assert grouped.detectable_auc == pytest.approx(one.detectable_auc)  # nor power
     # Treating the copies as independent images overstates the evidence.
     as_images = memorisation_test(y5, s5)
     assert as_images.unit == "image" and as_images.n_groups == 200
     assert as_images.p_value < one.p_value
+    assert as_images.detectable_auc < one.detectable_auc
 
 
 def test_mixed_groups_move_whole_label_vectors() -> None:

@@ -84,8 +84,10 @@ def test_verdict_without_memorisation_says_no_evidence_and_withdraws_the_decisio
     v = judge(ev, "per_image")
     assert ev.memorisation.p_value > 0.05
     assert v.level == "no_evidence" and not v.findings
-    assert re.fullmatch(r"No evidence of memorisation \(p = [0-9.]+\); not an all-clear: these labels cannot "
-                        r"tell per-image decisions from chance\.", v.headline)
+    assert re.fullmatch(r"No evidence of memorisation \(p = [0-9.]+\): these labels cannot tell per-image "
+                        r"decisions from chance; not an all-clear: these labels detect a separation only from AUC "
+                        r"0\.[5-9][0-9] \(80% power\); weaker memorisation passes unnoticed\.", v.headline)
+    assert f"{ev.memorisation.detectable_auc:.2f}" in v.headline
     assert "must not be read as accusations" in v.warning
 
 

@@ -99,6 +99,9 @@ def test_outputs_and_leave_one_out(first) -> None:
     goals = res["goals"]
     for r in rows.values():
         assert 0 <= r["test_tpr_at_1fpr"] <= 1 and 0 < r["dev_memorisation_p"] <= 1
+        assert 0.5 < r["dev_memorisation_detectable_auc"] <= 1
+        if r["dev_memorisation_p"] > 0.05:
+            assert f"(detects >= {r['dev_memorisation_detectable_auc']:.2f})" in md
         mine = {g["goal"]: g for g in goals if g["benchmark"] == r["benchmark"]}
         strong = r["best_baseline_test_auc"] >= suite.STRONG_BASELINE
         margin = next(g for name, g in mine.items() if name.startswith("test AUC >= best baseline"))

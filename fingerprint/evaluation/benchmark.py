@@ -18,7 +18,8 @@ on the first ``--trained-repeats`` repeats only. Ensembles reuse the member dete
 bootstrap 95% interval that resamples whole pseudo-patient groups (stratified by class), and each detector's
 out-of-fold scores (first repeat) get a group-level permutation test of "no memorisation"
 (:mod:`fingerprint.evaluation.memorisation`): per-image decisions of a detector whose p > 0.05 cannot be told from
-chance on the dev labels (which does not clear the generator).
+chance on the dev labels (which does not clear the generator: the table gives the AUC the test would have
+detected).
 
 Writes to ``--out``: ``results.md`` (table), ``results.json`` (everything, per repeat), ``roc.png`` and
 ``roc_log.png`` (out-of-fold dev ROC curves), ``dev_scores.csv`` (out-of-fold dev scores of every detector),
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -59,7 +61,15 @@ from fingerprint.detectors import (
     kind,
     preset_settings,
 )
-from fingerprint.evaluation.memorisation import ALPHA, N_PERMUTATIONS, MemorisationTest, format_p, memorisation_test
+from fingerprint.evaluation.memorisation import (
+    ALPHA,
+    N_PERMUTATIONS,
+    POWER,
+    MemorisationTest,
+    format_p,
+    memorisation_test,
+    power_text,
+)
 from fingerprint.evaluation.metrics import bootstrap_ci, format_table, resampling_unit
 from fingerprint.evaluation.plots import roc_plot
 from fingerprint.features.backbones import weights_file
@@ -493,6 +503,7 @@ def _row(run: Run) -> dict[str, Any]:
         "acc": m["accuracy"],
         "kappa": m["kappa"],
         "p_mem": format_p(run.memorisation.p_value) if run.memorisation else None,
+        "detectable": f"{run.memorisation.detectable_auc:.3f}" if run.memorisation else None,
         "reps": len(run.oof),
         "seconds": f"{run.seconds:.1f}",
     }
@@ -500,7 +511,8 @@ def _row(run: Run) -> dict[str, Any]:
 
 COLUMNS = [("family", "family"), ("detector", "detector"), ("signal", "signal"), ("auc", "AUC [95% CI]"),
            ("tpr1", "TPR@1%FPR"), ("tpr5", "TPR@5%FPR"), ("f1", "F1"), ("acc", "accuracy"), ("kappa", "kappa"),
-           ("p_mem", "p (memorisation)"), ("reps", "repeats"), ("seconds", "seconds")]
+           ("p_mem", "p (memorisation)"), ("detectable", "detectable AUC"), ("reps", "repeats"),
+           ("seconds", "seconds")]
 
 
 def goals(runs: list[Run], best_name: str | None, submitted: str | None = None) -> dict[str, Any]:
@@ -539,8 +551,8 @@ def memorisation_warning(g: dict[str, Any]) -> str | None:
         "its per-image decisions"
     return (f"WARNING: {m['detector']} shows no evidence of memorisation on the dev images (permutation test over "
             f"{m['n_groups']} {m['unit']}s, p = {format_p(m['p_value'])} > {ALPHA}): {what} are not supported by "
-            "evidence: these labels cannot tell them from chance. This is not an all-clear: with few labelled "
-            "images the test has little power.")
+            "evidence: these labels cannot tell them from chance. This is not an all-clear: "
+            f"{power_text(m.get('detectable_auc', math.nan))}.")
 
 
 def settings_text(d: Detector) -> str:
@@ -587,9 +599,10 @@ def _markdown(config: BenchmarkConfig, data: FitData, runs: list[Run], g: dict[s
         f"p (memorisation): one-sided permutation test of \"the scores do not separate used from not-used\" on "
         f"the out-of-fold dev AUC of the first repeat, labels permuted among whole groups ({N_PERMUTATIONS} "
         f"permutations; smallest possible p {format_p(1 / (N_PERMUTATIONS + 1))}). p > {ALPHA}: no evidence of "
-        "memorisation: the dev labels cannot tell the detector's per-image decisions from chance (not an "
-        "all-clear: with few labelled images the test has little power). A small p for a `distribution` or "
-        "`mixed` detector shows a population difference, not that single images were memorised.",
+        "memorisation: the dev labels cannot tell the detector's per-image decisions from chance. Not an "
+        f"all-clear: detectable AUC = the AUC the test finds with {POWER:.0%} power on these labels and groups; "
+        "a weaker separation passes unnoticed. A small p for a `distribution` or `mixed` detector shows a "
+        "population difference, not that single images were memorised.",
         "",
     ]
     warning = memorisation_warning(g)

@@ -493,6 +493,7 @@ def evaluate_benchmark(config: SuiteConfig, bench: Bench, out: Path) -> dict[str
                 "tpr_at_1fpr": run_.metrics["tpr_at_1fpr"][0],
                 "f1": run_.metrics["f1"][0],
                 "memorisation_p": run_.memorisation.p_value,
+                "memorisation_detectable_auc": run_.memorisation.detectable_auc,
                 "labelled": int(len(lab)),
                 "used": int((y == 1).sum()),
                 "splits": len(splits),
@@ -612,6 +613,7 @@ def report(config: SuiteConfig, benches: list[Bench], results: dict[str, dict[st
             "test_auc": t_auc[b][pick], "test_auc_ci": test[b][pick]["auc"], "test_f1": test[b][pick]["f1"],
             "test_tpr_at_1fpr": test[b][pick]["tpr_at_1fpr"][0],
             "dev_memorisation_p": results[b][pick]["dev"].get("memorisation_p"),
+            "dev_memorisation_detectable_auc": results[b][pick]["dev"].get("memorisation_detectable_auc"),
             "optimism": dev[b][pick] - t_auc[b][pick],
             "other_rule": other_rule, "other_rule_chosen": alt, "other_rule_test_auc": t_auc[b][alt],
             "test_n": test[b][pick]["n"], "test_groups": test[b][pick]["groups"],
@@ -751,7 +753,8 @@ def markdown(config: SuiteConfig, rep: dict[str, Any], extras: list[dict[str, An
         t = {"family": r["family"], "mem": r["memorisation"], "benchmark": r["benchmark"], "chosen": r["chosen"],
              "rest": r["rule_value_on_rest"], "dev": r["dev_auc"], "test": tuple(r["test_auc_ci"]),
              "opt": r["optimism"], "alt": f"{r['other_rule_chosen']} ({r['other_rule_test_auc']:.3f})",
-             "tpr": r["test_tpr_at_1fpr"], "p": _p(r.get("dev_memorisation_p"))}
+             "tpr": r["test_tpr_at_1fpr"],
+             "p": _p(r.get("dev_memorisation_p"), r.get("dev_memorisation_detectable_auc"))}
         if has_base:
             t.update(base=f"{r['best_baseline']} ({r['best_baseline_test_auc']:.3f})", margin=r["margin"])
         table_rows.append(t)
@@ -792,7 +795,9 @@ def markdown(config: SuiteConfig, rep: dict[str, Any], extras: list[dict[str, An
         f"({', '.join(groups_from)}). Rules: 'mean' = highest mean dev-CV AUC on the rest, 'worst' = highest "
         f"worst-case; values within {TIE:g} tie and go to the simpler candidate. Baselines: "
         + (", ".join(c["name"] for c in rep["candidates"] if c["baseline"]) or "none among the candidates")
-        + "; margin = chosen test AUC - best baseline test AUC on B (the baseline picked in hindsight).",
+        + "; margin = chosen test AUC - best baseline test AUC on B (the baseline picked in hindsight). "
+        f"A memorisation p above {ALPHA} (no evidence) is followed by the AUC the test would have detected with "
+        "80% power on B's dev labels and groups.",
         *([""] + [f"- `{r['benchmark']}` shares its split of the real images (split.json) with "
                   f"{', '.join(f'`{o}`' for o in r['held_out_with'])}: they are left out of its rest too, so its "
                   "choice never rests on another copy of the same draw." for r in rows if r["held_out_with"]]),
@@ -836,8 +841,13 @@ def markdown(config: SuiteConfig, rep: dict[str, Any], extras: list[dict[str, An
     return "\n".join(lines)
 
 
-def _p(value: float | None) -> str:
-    return "-" if value is None else format_p(value)
+def _p(value: float | None, detectable: float | None = None) -> str:
+    """A p-value cell; without evidence, with the AUC the test would have found (80% power), where known."""
+    if value is None:
+        return "-"
+    if value > ALPHA and detectable is not None and np.isfinite(detectable):
+        return f"{format_p(value)} (detects >= {detectable:.2f})"
+    return format_p(value)
 
 
 def auc_picture(rep: dict[str, Any], path: Path) -> Path:

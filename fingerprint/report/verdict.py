@@ -5,7 +5,7 @@ Two questions, answered in this order:
 1. Do the scores separate the generator's training images (members) from other real images at all? The group
    permutation test of :mod:`fingerprint.evaluation.memorisation`; without evidence (p > 0.05) nothing else is
    claimed and per-image decisions are shown as what they are: not distinguishable from chance on these labels
-   (which is not an all-clear either: a small labelled set gives the test little power).
+   (which is not an all-clear either: the verdict gives the AUC the test would have detected on these labels).
 2. How many training images would an attacker identify without accusing innocent ones? The true-positive rate
    at a 1% false-positive rate, with a group bootstrap interval (:func:`fingerprint.evaluation.metrics.bootstrap_ci`).
 
@@ -22,7 +22,14 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike
 
-from fingerprint.evaluation.memorisation import ALPHA, N_PERMUTATIONS, MemorisationTest, format_p, memorisation_test
+from fingerprint.evaluation.memorisation import (
+    ALPHA,
+    N_PERMUTATIONS,
+    MemorisationTest,
+    format_p,
+    memorisation_test,
+    power_text,
+)
 from fingerprint.evaluation.metrics import bootstrap_ci, resampling_unit
 
 Level = Literal["memorises", "separates", "population", "no_evidence", "no_labels"]
@@ -138,14 +145,15 @@ def judge(evidence: Evidence | None, signal: str = "per_image", n_scored: int = 
         details.append(f"Signal {signal}: part of the score measures how generated-like an image looks overall "
                        "(a population difference), not closeness to particular generated images.")
     if not mem.evidence:
+        power = power_text(mem.detectable_auc)
         return Verdict(
             "no_evidence",
-            f"No evidence of memorisation (p = {p}); not an all-clear: these labels cannot tell per-image "
-            "decisions from chance.",
+            f"No evidence of memorisation (p = {p}): these labels cannot tell per-image decisions from chance; not "
+            f"an all-clear: {power}.",
             details=details, findings=False,
             warning=f"No evidence of memorisation (p = {p} > {ALPHA}): the decisions below cannot be told from chance "
-                    "on these labels and must not be read as accusations; nor does this clear the generator (with "
-                    "few labelled images the test has little power).")
+                    f"on these labels and must not be read as accusations; nor does this clear the generator: "
+                    f"{power}.")
     if signal == "distribution":
         return Verdict(
             "population",
