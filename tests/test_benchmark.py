@@ -8,6 +8,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +110,28 @@ def test_benchmark_end_to_end(sample_bench: Path, data: FitData, tmp_path: Path)
     assert "as a population" in md and "not by memorisation of individual images" in md
     assert f"Memorisation test on best (signal {by_name['best']['signal']}" in md
     assert res["goals"]["memorisation"]["verdict"] in md
+    flagged = sum(r[1] == "1" for r in rows)
+    assert re.search(r"Decisions of `best` \(threshold on the training folds: max F1; [^)]*\): out of fold they "
+                     r"flag \d+ of \d+ dev not-used images \(\d+%, wrongly accused\) and \d+ of \d+ used ones "
+                     rf"\(\d+%\)\. `submission.csv` flags {flagged} of {len(rows)} test images\.", md)
     command = (out / "COMMAND.md").read_text()
     assert "fingerprint benchmark" in command and "--weights-dir none" in command and "Runtime:" in command
+
+
+def test_fpr_threshold_caps_the_false_accusations(sample_bench: Path, data: FitData, tmp_path: Path) -> None:
+    out = tmp_path / "fpr"
+    assert cli.main(["benchmark", "--data", str(sample_bench), "--out", str(out), "--detectors", "pixel_l2",
+                     "--submit", "pixel_l2", "--threshold-method", "fpr", "--target-fpr", "0.1", *TINY]) == 0
+    det = load_detector(out / "detector")
+    assert det.meta.threshold_method == "fpr"
+    lab = data.train
+    y = data.labels[lab]
+    flags = det.decide(det.score([data.real[i] for i in lab], [data.real_ids[i] for i in lab]))
+    assert flags[y == 0].mean() <= 0.1  # on the labels the threshold came from
+    md = (out / "results.md").read_text()
+    assert "thresholds fitted on the training folds (flagging at most 10% of the not-used images)" in md
+    assert "Decisions of `pixel_l2` (threshold on the training folds: flagging at most 10%" in md
+    assert "--threshold-method fpr" in (out / "COMMAND.md").read_text()
 
 
 def test_harness_scores_are_the_protocols_and_members_are_shared(sample_bench: Path, data: FitData) -> None:

@@ -100,6 +100,13 @@ def test_outputs_and_leave_one_out(first) -> None:
     for r in rows.values():
         assert 0 <= r["test_tpr_at_1fpr"] <= 1 and 0 < r["dev_memorisation_p"] <= 1
         assert 0.5 < r["dev_memorisation_detectable_auc"] <= 1
+        # The decision shares, recomputed from the cached test decisions and the answer key.
+        cached = json.loads((out / "cache" / r["benchmark"] / f"{r['chosen']}.json").read_text())["test"]
+        key = dict(csv.reader((Path(res["config"]["suite"]) / r["benchmark"] / "test_labels.csv").open()))
+        y = np.array([int(key[i]) for i in cached["ids"]])
+        dec = np.array(cached["decisions"])
+        assert r["test_flagged"] == pytest.approx(dec.mean())
+        assert r["test_false_accusations"] == pytest.approx(dec[y == 0].mean())
         if r["dev_memorisation_p"] > 0.05:
             assert f"(detects >= {r['dev_memorisation_detectable_auc']:.2f})" in md
         mine = {g["goal"]: g for g in goals if g["benchmark"] == r["benchmark"]}
@@ -114,6 +121,7 @@ def test_outputs_and_leave_one_out(first) -> None:
         for g in no_signal:
             assert g["value"] == r["dev_memorisation_p"] and g["met"] == (g["value"] > 0.05)
     assert "Goals, per held-out benchmark" in md and "memorisation p (dev)" in md
+    assert "test non-members flagged" in md
 
 
 def test_benchmarks_sharing_a_split_are_held_out_together(benches, tmp_path) -> None:

@@ -134,7 +134,7 @@ class DetectorMeta:
     """The kind's Settings, as a dict."""
     threshold: float = 0.0
     """Decision threshold: decide 'used' when score >= threshold."""
-    threshold_method: str = "max_f1"
+    threshold_method: str = "fpr"
     metrics: dict[str, float] = field(default_factory=dict)
     """Validation metrics (val_auc, val_f1, ...) on the held-out split; empty without one."""
     split: dict[str, list[str]] = field(default_factory=dict)
@@ -357,7 +357,7 @@ def threshold_for(labels: np.ndarray, scores: np.ndarray, method: str = "max_f1"
     raise ValueError(f"--threshold-method: {method!r} is not one of max_f1, fpr")
 
 
-def fit_detector(name: str, settings: Any, data: FitData, *, threshold_method: str = "max_f1",
+def fit_detector(name: str, settings: Any, data: FitData, *, threshold_method: str = "fpr",
                  target_fpr: float = 0.05, progress: bool = False) -> Detector:
     """Fit kind ``name`` on ``data``: learn and index, threshold from the training labels, metrics on ``val``."""
     det = create_detector(name, settings)
@@ -365,7 +365,7 @@ def fit_detector(name: str, settings: Any, data: FitData, *, threshold_method: s
     return finish_fit(det, data, threshold_method=threshold_method, target_fpr=target_fpr)
 
 
-def finish_fit(det: Detector, data: FitData, *, threshold_method: str = "max_f1",
+def finish_fit(det: Detector, data: FitData, *, threshold_method: str = "fpr",
                target_fpr: float = 0.05) -> Detector:
     """Set the threshold (training labels) and validation metrics (``data.val``) of a fitted, indexed detector.
 

@@ -42,12 +42,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from PIL import Image
 
-from fingerprint.config import ConfigError, flag, to_dict, validate
+from fingerprint.config import ConfigError, Range, flag, to_dict, validate
 from fingerprint.data import images as fpdata
 from fingerprint.data.imagesets import GROUPS_FILE, load_fit_data
 from fingerprint.detectors import (
@@ -93,6 +93,8 @@ ALIASES = {"grad_nn": "gradient_nn"}
 """Old table names still accepted by --detectors and --submit."""
 BASELINE_FAMILIES = ("a", "b", "c")
 THRESHOLD_METHOD, TARGET_FPR = "max_f1", 0.05
+FLAG_WARNING = 0.2
+"""results.md points to --threshold-method fpr when max F1 flags more than this share of dev not-used images."""
 DETECTOR_DIR = "detector"
 
 
@@ -146,6 +148,13 @@ class BenchmarkConfig:
     submit: str = "best"
     """Detector whose test predictions are written (submission.csv, scores.csv, detector/); 'auto' = highest
     mean dev AUC, 'none' = write none."""
+    threshold_method: Literal["max_f1", "fpr"] = "max_f1"
+    """Decision threshold, from dev labels, of the out-of-fold decisions (F1, accuracy, kappa) and of
+    submission.csv: 'max_f1' (the ImageCLEF 2023 metric; where memorisation is weak it flags nearly every image,
+    innocent ones included) or 'fpr' (flag only above all but --target-fpr of the not-used images). results.md
+    gives the share of dev not-used images that the submitted detector flags."""
+    target_fpr: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.05
+    """Target false-positive rate for --threshold-method fpr."""
     n_boot: int = 1000
     """Bootstrap resamples for the 95% intervals."""
     seed: int = 0
@@ -396,7 +405,8 @@ def _used_members(d: Detector) -> list[Detector]:
 
 
 def evaluate_detector(d: Detector, data: FitData, splits: list[tuple[np.ndarray, np.ndarray]], folds: int,
-                      trained_repeats: int, fitted: Fitted) -> Run:
+                      trained_repeats: int, fitted: Fitted, threshold_method: str = THRESHOLD_METHOD,
+                      target_fpr: float = TARGET_FPR) -> Run:
     """Score ``d`` out of fold on every split (costly learning detectors: on the first ``trained_repeats``).
 
     Split indices are positions in ``data.train`` (the labelled dev images). A label-free ``d`` is fitted once
@@ -436,7 +446,7 @@ def evaluate_detector(d: Detector, data: FitData, splits: list[tuple[np.ndarray,
             distribution |= {m.name for m in _used_members(model) if m.signal == "distribution"}
         else:
             model, s_tr, s_te = d, full.take(lab[tr]), full.take(lab[te])
-        t = model.choose_threshold(y[tr], s_tr, THRESHOLD_METHOD, TARGET_FPR)
+        t = model.choose_threshold(y[tr], s_tr, threshold_method, target_fpr)
         if not np.all(np.isfinite(s_te.score)):
             raise RuntimeError(f"{d.name}: produced non-finite scores")
         oof[r][te] = s_te.score
@@ -574,8 +584,31 @@ def groups_from(config: BenchmarkConfig) -> str:
     return inferred
 
 
+def threshold_text(config: BenchmarkConfig) -> str:
+    if config.threshold_method == "max_f1":
+        return "max F1; SSIM: real-to-real quantile chosen by F1"
+    return f"flagging at most {config.target_fpr:.0%} of the not-used images"
+
+
+def decisions_text(config: BenchmarkConfig, run: Run, y: np.ndarray, flagged_test: tuple[int, int] | None) -> str:
+    """What the submitted detector's threshold does to the dev images out of fold: how many innocent (not-used)
+    images it flags, and how many used ones; and how many test images submission.csv flags."""
+    dec = run.decisions[0]
+    neg, pos = y == 0, y == 1
+    fp, tp = int(dec[neg].sum()), int(dec[pos].sum())
+    text = (f"Decisions of `{run.detector.name}` (threshold on the training folds: {threshold_text(config)}): out "
+            f"of fold they flag {fp} of {int(neg.sum())} dev not-used images ({fp / max(neg.sum(), 1):.0%}, "
+            f"wrongly accused) and {tp} of {int(pos.sum())} used ones ({tp / max(pos.sum(), 1):.0%}).")
+    if flagged_test is not None:
+        text += f" `submission.csv` flags {flagged_test[0]} of {flagged_test[1]} test images."
+    if config.threshold_method == "max_f1" and fp > FLAG_WARNING * neg.sum():
+        text += (" Max F1 buys recall with false accusations here; `--threshold-method fpr` flags at most "
+                 "`--target-fpr` of the not-used images.")
+    return text
+
+
 def _markdown(config: BenchmarkConfig, data: FitData, runs: list[Run], g: dict[str, Any], n_splits: int,
-              seconds: float, submit: str | None) -> str:
+              seconds: float, submit: str | None, flagged_test: tuple[int, int] | None = None) -> str:
     lab = data.train
     n_used = int((data.labels[lab] == 1).sum())
     n_test = int((data.labels < 0).sum())
@@ -588,7 +621,7 @@ def _markdown(config: BenchmarkConfig, data: FitData, runs: list[Run], g: dict[s
         f"Evaluation: {config.repeats} x {config.folds}-fold group-aware stratified CV ({n_splits} splits); "
         "label-free detectors fitted once on all images, learning ones refitted per split (costly ones on the "
         f"first {config.trained_repeats} repeat(s)). Scores out of fold, thresholds fitted on the training folds "
-        "(max F1; SSIM: real-to-real quantile chosen by F1). Metrics averaged over repeats, 95% bootstrap "
+        f"({threshold_text(config)}). Metrics averaged over repeats, 95% bootstrap "
         f"intervals ({config.n_boot} resamples); resampling unit: {resampling_unit(data.groups[lab])}, so "
         "near-duplicate slices of one pseudo-patient are never counted as independent.",
         "",
@@ -608,6 +641,9 @@ def _markdown(config: BenchmarkConfig, data: FitData, runs: list[Run], g: dict[s
     warning = memorisation_warning(g)
     if warning:
         lines += [f"**{warning}**", ""]
+    submit_run = next((r for r in runs if r.detector.name == submit), None)
+    if submit_run is not None:
+        lines += [decisions_text(config, submit_run, data.labels[lab], flagged_test), ""]
     if g:
         lines.append("Goals (issue #6, section 4):")
         if "best" in g and "best_baseline" in g:
@@ -659,7 +695,8 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def fit_for_submission(run: Run, data: FitData, fitted: Fitted) -> Detector:
+def fit_for_submission(run: Run, data: FitData, fitted: Fitted, threshold_method: str = THRESHOLD_METHOD,
+                       target_fpr: float = TARGET_FPR) -> Detector:
     """The detector of ``run`` fitted on all labelled dev images (``data.train``), threshold from their labels.
 
     A label-free detector is the one already fitted for the table; a learning one is fitted once more on every
@@ -671,7 +708,7 @@ def fit_for_submission(run: Run, data: FitData, fitted: Fitted) -> Detector:
         d = fresh(d)
         fitted.share_members(d)
         d.fit(data)
-    return finish_fit(d, data, threshold_method=THRESHOLD_METHOD, target_fpr=TARGET_FPR)
+    return finish_fit(d, data, threshold_method=threshold_method, target_fpr=target_fpr)
 
 
 def write_test_predictions(out: Path, data: FitData, d: Detector) -> float:
@@ -725,7 +762,8 @@ def main(config: BenchmarkConfig) -> dict[str, Any]:
     runs: list[Run] = []
     for i, d in enumerate(detectors, 1):
         log.info("[%d/%d] %s: %s", i, len(detectors), d.name, d.describe())
-        run = evaluate_detector(d, data, splits, config.folds, config.trained_repeats, fitted)
+        run = evaluate_detector(d, data, splits, config.folds, config.trained_repeats, fitted,
+                                config.threshold_method, config.target_fpr)
         summarise(run, y, config.n_boot, config.seed, groups=data.groups[lab])
         log.info("[%d/%d] %s: AUC %.3f [%.3f, %.3f], memorisation p = %s, in %.1f s", i, len(detectors), d.name,
                  *run.metrics["auc"], format_p(run.memorisation.p_value), run.seconds)
@@ -744,10 +782,12 @@ def main(config: BenchmarkConfig) -> dict[str, Any]:
     g = goals(runs, judged, submitted=submit_run.detector.name if submit_run else None)
 
     out.mkdir(parents=True, exist_ok=True)
-    threshold, final = None, None
+    threshold, final, flagged_test = None, None, None
     if submit_run is not None and n_test:
-        final = fit_for_submission(submit_run, data, fitted)
+        final = fit_for_submission(submit_run, data, fitted, config.threshold_method, config.target_fpr)
         threshold = write_test_predictions(out, data, final)
+        flagged_test = (sum(line.endswith(",1") for line in (out / "submission.csv").read_text().splitlines()),
+                        n_test)
         if isinstance(final, SelectedEnsemble):
             submit_run.notes["chosen_for_test"] = " + ".join(final.meta.extra["chosen"])
     elif submit_run is not None:
@@ -765,7 +805,8 @@ def main(config: BenchmarkConfig) -> dict[str, Any]:
                               signal_of(submit_run), submit_run.memorisation, threshold, command=command_line(config),
                               config=to_dict(config), n_boot=config.n_boot, seed=config.seed)
     seconds = time.perf_counter() - t_start
-    md = _markdown(config, data, runs, g, len(splits), seconds, submit_run.detector.name if submit_run else None)
+    md = _markdown(config, data, runs, g, len(splits), seconds, submit_run.detector.name if submit_run else None,
+                   flagged_test)
     write_text_atomic(out / "results.md", md)
     result = {
         "config": to_dict(config),

@@ -549,7 +549,8 @@ def choose(dev_auc: dict[str, dict[str, float]], on: Sequence[str], rule: str,
 
 def held_out_metrics(bench: Bench, result: dict[str, Any], labels: dict[str, int], n_boot: int,
                  seed: int) -> dict[str, Any]:
-    """Test AUC [group-bootstrap interval] and F1 at the dev threshold of one cached result, against ``labels``."""
+    """Test AUC [group-bootstrap interval], and at the dev threshold F1, the share of test images flagged and the
+    share of test non-members flagged (false accusations), of one cached result, against ``labels``."""
     ids = result["test"]["ids"]
     missing = [i for i in ids if i not in labels]
     if missing:
@@ -567,6 +568,7 @@ def held_out_metrics(bench: Bench, result: dict[str, Any], labels: dict[str, int
     d = np.asarray(result["test"]["decisions"], dtype=np.int64)
     tp, fp, fn = int(((d == 1) & (y == 1)).sum()), int(((d == 1) & (y == 0)).sum()), int(((d == 0) & (y == 1)).sum())
     return {"auc": list(auc), "tpr_at_1fpr": list(boot["tpr_at_1fpr"]), "f1": 2 * tp / max(2 * tp + fp + fn, 1),
+            "flagged": float(d.mean()), "false_accusations": fp / max(int((y == 0).sum()), 1),
             "n": int(len(y)), "used": int(y.sum()),
             "groups": int(len(np.unique(groups))), "groups_from": source}
 
@@ -612,6 +614,7 @@ def report(config: SuiteConfig, benches: list[Bench], results: dict[str, dict[st
             "dev_auc": dev[b][pick], "dev_auc_ci": results[b][pick]["dev"]["auc"],
             "test_auc": t_auc[b][pick], "test_auc_ci": test[b][pick]["auc"], "test_f1": test[b][pick]["f1"],
             "test_tpr_at_1fpr": test[b][pick]["tpr_at_1fpr"][0],
+            "test_flagged": test[b][pick]["flagged"], "test_false_accusations": test[b][pick]["false_accusations"],
             "dev_memorisation_p": results[b][pick]["dev"].get("memorisation_p"),
             "dev_memorisation_detectable_auc": results[b][pick]["dev"].get("memorisation_detectable_auc"),
             "optimism": dev[b][pick] - t_auc[b][pick],
@@ -753,7 +756,8 @@ def markdown(config: SuiteConfig, rep: dict[str, Any], extras: list[dict[str, An
         t = {"family": r["family"], "mem": r["memorisation"], "benchmark": r["benchmark"], "chosen": r["chosen"],
              "rest": r["rule_value_on_rest"], "dev": r["dev_auc"], "test": tuple(r["test_auc_ci"]),
              "opt": r["optimism"], "alt": f"{r['other_rule_chosen']} ({r['other_rule_test_auc']:.3f})",
-             "tpr": r["test_tpr_at_1fpr"],
+             "tpr": r["test_tpr_at_1fpr"], "flagged": f"{r['test_flagged']:.0%}",
+             "fa": f"{r['test_false_accusations']:.0%}",
              "p": _p(r.get("dev_memorisation_p"), r.get("dev_memorisation_detectable_auc"))}
         if has_base:
             t.update(base=f"{r['best_baseline']} ({r['best_baseline_test_auc']:.3f})", margin=r["margin"])
@@ -763,7 +767,8 @@ def markdown(config: SuiteConfig, rep: dict[str, Any], extras: list[dict[str, An
         ("family", "family"), ("mem", "memorisation"), ("benchmark", "held-out benchmark B"),
         ("chosen", f"chosen on the rest ({rep['rule']})"), ("rest", f"{rep['rule']} dev-CV AUC on the rest"),
         ("dev", "dev-CV AUC on B"), ("p", "memorisation p (dev)"), ("test", "test AUC on B [95% CI]"),
-        ("tpr", "test TPR at 1% FPR"), ("opt", "dev - test")]
+        ("tpr", "test TPR at 1% FPR"), ("flagged", "test flagged"), ("fa", "test non-members flagged"),
+        ("opt", "dev - test")]
     if has_base:
         cols += [("base", "best baseline on B (test AUC)"), ("margin", "margin")]
     other = next(r for r in RULES if r != rep["rule"])
@@ -797,7 +802,9 @@ def markdown(config: SuiteConfig, rep: dict[str, Any], extras: list[dict[str, An
         + (", ".join(c["name"] for c in rep["candidates"] if c["baseline"]) or "none among the candidates")
         + "; margin = chosen test AUC - best baseline test AUC on B (the baseline picked in hindsight). "
         f"A memorisation p above {ALPHA} (no evidence) is followed by the AUC the test would have detected with "
-        "80% power on B's dev labels and groups.",
+        "80% power on B's dev labels and groups. 'test flagged' and 'test non-members flagged' (false "
+        f"accusations): the decisions at the threshold set on B's dev labels ({THRESHOLD_METHOD.replace('_', ' ')}"
+        ", as in the submissions).",
         *([""] + [f"- `{r['benchmark']}` shares its split of the real images (split.json) with "
                   f"{', '.join(f'`{o}`' for o in r['held_out_with'])}: they are left out of its rest too, so its "
                   "choice never rests on another copy of the same draw." for r in rows if r["held_out_with"]]),
