@@ -81,7 +81,11 @@ def split_key(data: str, val_fraction: float, seed: int) -> dict[str, Any]:
 
 
 def run_name(spec: FitSpec, data: str, val_fraction: float, seed: int) -> str:
+    from fingerprint.detectors.base import TARGET_FPR, THRESHOLD_METHOD
+
+    # The decision rule is in the name: a detector registered under another rule is not reused.
     digest = hashlib.sha256(json.dumps({"kind": spec.kind, "settings": spec.settings,
+                                        "threshold": [THRESHOLD_METHOD, TARGET_FPR],
                                         **split_key(data, val_fraction, seed)},
                                        sort_keys=True).encode()).hexdigest()[:8]
     return safe_name(f"{spec.name}-{digest}")

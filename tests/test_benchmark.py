@@ -111,8 +111,8 @@ def test_benchmark_end_to_end(sample_bench: Path, data: FitData, tmp_path: Path)
     assert f"Memorisation test on best (signal {by_name['best']['signal']}" in md
     assert res["goals"]["memorisation"]["verdict"] in md
     flagged = sum(r[1] == "1" for r in rows)
-    assert re.search(r"Decisions of `best` \(threshold on the training folds: max F1; [^)]*\): out of fold they "
-                     r"flag \d+ of \d+ dev not-used images \(\d+%, wrongly accused\) and \d+ of \d+ used ones "
+    assert re.search(r"Decisions of `best` \(threshold on the training folds: max F1\): out of fold, first repeat, "
+                     r"they flag \d+ of \d+ dev not-used images \(\d+%, wrongly accused\) and \d+ of \d+ used ones "
                      rf"\(\d+%\)\. `submission.csv` flags {flagged} of {len(rows)} test images\.", md)
     command = (out / "COMMAND.md").read_text()
     assert "fingerprint benchmark" in command and "--weights-dir none" in command and "Runtime:" in command
@@ -239,7 +239,7 @@ def test_no_signal_submission_is_flagged(data: FitData) -> None:
     warning = memorisation_warning(g)
     assert warning.startswith("WARNING: pixel_l2 shows no evidence of memorisation")
     assert "submission's per-image decisions" in warning and "not supported by evidence" in warning
-    assert f"detect a separation only from AUC {noise.memorisation.detectable_auc:.2f} (80% power)" in warning
+    assert f"reliably (80% power) only from AUC {noise.memorisation.detectable_auc:.2f}" in warning
     # Perfectly separating scores: as much evidence as the groups allow, and no warning.
     assert signal.memorisation.auc == 1.0
     assert goals(runs, "best")["memorisation"]["detector"] == "best"

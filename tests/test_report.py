@@ -84,9 +84,9 @@ def test_verdict_without_memorisation_says_no_evidence_and_withdraws_the_decisio
     v = judge(ev, "per_image")
     assert ev.memorisation.p_value > 0.05
     assert v.level == "no_evidence" and not v.findings
-    assert re.fullmatch(r"No evidence of memorisation \(p = [0-9.]+\): these labels cannot tell per-image "
-                        r"decisions from chance; not an all-clear: these labels detect a separation only from AUC "
-                        r"0\.[5-9][0-9] \(80% power\); weaker memorisation passes unnoticed\.", v.headline)
+    assert re.fullmatch(r"No evidence of memorisation \(p = [0-9.]+\): per-image decisions cannot be told from "
+                        r"chance on these labels; not an all-clear: the test finds a separation reliably \(80% "
+                        r"power\) only from AUC 0\.[5-9][0-9]\.", v.headline)
     assert f"{ev.memorisation.detectable_auc:.2f}" in v.headline
     assert "must not be read as accusations" in v.warning
 

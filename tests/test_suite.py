@@ -108,7 +108,7 @@ def test_outputs_and_leave_one_out(first) -> None:
         assert r["test_flagged"] == pytest.approx(dec.mean())
         assert r["test_false_accusations"] == pytest.approx(dec[y == 0].mean())
         if r["dev_memorisation_p"] > 0.05:
-            assert f"(detects >= {r['dev_memorisation_detectable_auc']:.2f})" in md
+            assert f"(detectable AUC {r['dev_memorisation_detectable_auc']:.2f})" in md
         mine = {g["goal"]: g for g in goals if g["benchmark"] == r["benchmark"]}
         strong = r["best_baseline_test_auc"] >= suite.STRONG_BASELINE
         margin = next(g for name, g in mine.items() if name.startswith("test AUC >= best baseline"))

@@ -61,3 +61,21 @@ def test_library_configs_use_them():
     assert {"--k", "--threshold-method", "--target-fpr"} <= {p.split(":")[0] for p in e.value.problems}
     with pytest.raises(ConfigError, match="--in-chans"):
         validate(TrainConfig(data=".", weights="none", in_chans=2))
+
+
+def test_the_product_flags_at_a_set_false_accusation_rate_by_default(sample_bench) -> None:
+    from fingerprint.commands.fit import FitConfig
+    from fingerprint.data.imagesets import load_fit_data
+    from fingerprint.detectors import fit_detector
+
+    assert ScoreConfig().threshold_method == TrainConfig().threshold_method == FitConfig().threshold_method == "fpr"
+    data = load_fit_data(str(sample_bench), 0.0, 0)
+    y = data.labels[data.train]
+    for kind, settings in (("pixel", {"image_size": 32}), ("ssim", {"image_size": 32})):
+        det = fit_detector(kind, settings, data)
+        assert det.meta.threshold_method == "fpr"
+        s = det.score([data.real[i] for i in data.train], [data.real_ids[i] for i in data.train])
+        # The training not-used images set the threshold: at most 5% of them are flagged (SSIM included: under
+        # 'fpr' its real-to-real calibration is not used).
+        assert det.decide(s)[y == 0].mean() <= 0.05
+        assert det.threshold == pytest.approx(threshold_at_fpr(y, s.score, 0.05))

@@ -135,6 +135,8 @@ class DetectorMeta:
     threshold: float = 0.0
     """Decision threshold: decide 'used' when score >= threshold."""
     threshold_method: str = "fpr"
+    """How the threshold was set: 'fpr' (at most a target share of the training not-used images flagged) or
+    'max_f1'."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Validation metrics (val_auc, val_f1, ...) on the held-out split; empty without one."""
     split: dict[str, list[str]] = field(default_factory=dict)
@@ -347,7 +349,12 @@ def load_detector(path: str | Path) -> Detector:
 # ------------------------------------------------------------------------------------------------- fitting
 
 
-def threshold_for(labels: np.ndarray, scores: np.ndarray, method: str = "max_f1", target_fpr: float = 0.05) -> float:
+THRESHOLD_METHOD, TARGET_FPR = "fpr", 0.05
+"""The product's decision rule: flag an image only above all but 5% of the training not-used images' scores."""
+
+
+def threshold_for(labels: np.ndarray, scores: np.ndarray, method: str = THRESHOLD_METHOD,
+                  target_fpr: float = TARGET_FPR) -> float:
     from fingerprint.evaluation.thresholds import threshold_at_fpr, threshold_max_f1
 
     if method == "fpr":
@@ -357,16 +364,16 @@ def threshold_for(labels: np.ndarray, scores: np.ndarray, method: str = "max_f1"
     raise ValueError(f"--threshold-method: {method!r} is not one of max_f1, fpr")
 
 
-def fit_detector(name: str, settings: Any, data: FitData, *, threshold_method: str = "fpr",
-                 target_fpr: float = 0.05, progress: bool = False) -> Detector:
+def fit_detector(name: str, settings: Any, data: FitData, *, threshold_method: str = THRESHOLD_METHOD,
+                 target_fpr: float = TARGET_FPR, progress: bool = False) -> Detector:
     """Fit kind ``name`` on ``data``: learn and index, threshold from the training labels, metrics on ``val``."""
     det = create_detector(name, settings)
     det.fit(data, progress=progress)
     return finish_fit(det, data, threshold_method=threshold_method, target_fpr=target_fpr)
 
 
-def finish_fit(det: Detector, data: FitData, *, threshold_method: str = "fpr",
-               target_fpr: float = 0.05) -> Detector:
+def finish_fit(det: Detector, data: FitData, *, threshold_method: str = THRESHOLD_METHOD,
+               target_fpr: float = TARGET_FPR) -> Detector:
     """Set the threshold (training labels) and validation metrics (``data.val``) of a fitted, indexed detector.
 
     Used by :func:`fit_detector` and by runners that learn elsewhere (a Ray Train run's network, then

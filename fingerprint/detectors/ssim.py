@@ -2,7 +2,9 @@
 
 Each real image's reference is its best SSIM with a real image outside its own group: an image counts as used
 when it is closer to a generated image than real images typically are to one another. Which quantile of that
-reference becomes the threshold is chosen on the training labels (max F1 over a grid).
+reference becomes the threshold is chosen on the training labels (max F1 over a grid). That calibration serves the
+'max_f1' threshold method; under 'fpr' (the product's default) the threshold comes from the training not-used
+images' scores, as for every kind.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class SSIMSettings:
 
 @register("ssim")
 class SSIMNN(Detector):
-    """SSIM nearest neighbour: mean SSIM to the k most similar generated images; threshold = a real-to-real
+    """SSIM nearest neighbour: mean SSIM to the k most similar generated images; max-F1 threshold = a real-to-real
     SSIM quantile."""
 
     Settings = SSIMSettings

@@ -584,26 +584,27 @@ def groups_from(config: BenchmarkConfig) -> str:
     return inferred
 
 
-def threshold_text(config: BenchmarkConfig) -> str:
+def threshold_text(config: BenchmarkConfig, ssim: bool = True) -> str:
     if config.threshold_method == "max_f1":
-        return "max F1; SSIM: real-to-real quantile chosen by F1"
+        return "max F1" + ("; SSIM: real-to-real quantile chosen by F1" if ssim else "")
     return f"flagging at most {config.target_fpr:.0%} of the not-used images"
 
 
 def decisions_text(config: BenchmarkConfig, run: Run, y: np.ndarray, flagged_test: tuple[int, int] | None) -> str:
-    """What the submitted detector's threshold does to the dev images out of fold: how many innocent (not-used)
-    images it flags, and how many used ones; and how many test images submission.csv flags."""
+    """What the submitted detector's threshold does to the dev images out of fold (first repeat): how many
+    innocent (not-used) images it flags, and how many used ones; and how many test images submission.csv flags."""
     dec = run.decisions[0]
     neg, pos = y == 0, y == 1
     fp, tp = int(dec[neg].sum()), int(dec[pos].sum())
-    text = (f"Decisions of `{run.detector.name}` (threshold on the training folds: {threshold_text(config)}): out "
-            f"of fold they flag {fp} of {int(neg.sum())} dev not-used images ({fp / max(neg.sum(), 1):.0%}, "
+    rule = threshold_text(config, ssim=run.detector.kind == "ssim")
+    text = (f"Decisions of `{run.detector.name}` (threshold on the training folds: {rule}): out of fold, first "
+            f"repeat, they flag {fp} of {int(neg.sum())} dev not-used images ({fp / max(neg.sum(), 1):.0%}, "
             f"wrongly accused) and {tp} of {int(pos.sum())} used ones ({tp / max(pos.sum(), 1):.0%}).")
     if flagged_test is not None:
         text += f" `submission.csv` flags {flagged_test[0]} of {flagged_test[1]} test images."
     if config.threshold_method == "max_f1" and fp > FLAG_WARNING * neg.sum():
         text += (" Max F1 buys recall with false accusations here; `--threshold-method fpr` flags at most "
-                 "`--target-fpr` of the not-used images.")
+                 "`--target-fpr` of the training folds' not-used images.")
     return text
 
 
@@ -633,8 +634,8 @@ def _markdown(config: BenchmarkConfig, data: FitData, runs: list[Run], g: dict[s
         f"the out-of-fold dev AUC of the first repeat, labels permuted among whole groups ({N_PERMUTATIONS} "
         f"permutations; smallest possible p {format_p(1 / (N_PERMUTATIONS + 1))}). p > {ALPHA}: no evidence of "
         "memorisation: the dev labels cannot tell the detector's per-image decisions from chance. Not an "
-        f"all-clear: detectable AUC = the AUC the test finds with {POWER:.0%} power on these labels and groups; "
-        "a weaker separation passes unnoticed. A small p for a `distribution` or `mixed` detector shows a "
+        f"all-clear: detectable AUC = the AUC the test finds with {POWER:.0%} power for these scores, labels and "
+        "groups; it says little about weaker separations. A small p for a `distribution` or `mixed` detector shows a "
         "population difference, not that single images were memorised.",
         "",
     ]

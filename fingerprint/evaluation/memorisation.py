@@ -16,13 +16,14 @@ The test is one-sided (higher score = more likely a member, as everywhere in fin
 ``p = (1 + #{permutations with AUC >= observed}) / (1 + n_permutations)``, so p is never 0 and its smallest
 value is ``1 / (1 + n_permutations)``.
 
-No evidence is not an all-clear, and how far from one it is depends on the labels: ``detectable_auc`` is the
-AUC the test would detect 4 times out of 5 (80% power at the 0.05 level) with these labels and groups. It is the
-permutation distribution's 95th percentile plus 0.84 of its standard deviation (the normal approximation of the
-AUC's spread under the alternative, the permutation spread standing in for it); simulated binormal scores with
+No evidence is not an all-clear, and how far from one it is depends on the scores, the labels and the groups:
+``detectable_auc`` is the AUC the test would find 4 times out of 5 (80% power at the 0.05 level) for them. It is
+the permutation distribution's 95th percentile plus 0.84 of its standard deviation (the normal approximation of
+the AUC's spread under the alternative, the permutation spread standing in for it); simulated binormal scores with
 patient effects (60 groups of 1-5 slices, within-patient correlation 0 to 0.8) gave 75% to 89% power at it.
-Few labelled patients, or strongly correlated slices, push it up: "no evidence" from 160 images rules out only
-strong memorisation.
+Few labelled patients, or strongly correlated slices, push it up. "No evidence" says little about separations
+weaker than it, and even at it the test misses 1 time in 5. Where the groups allow too few label assignments for
+p to reach 0.05 it is 1.0 (nothing can be detected); with tied scores or too few permutations it is nan.
 
 A small p says the scores rank members above non-members as a population. For a detector whose signal is
 ``distribution`` (how generated-like an image looks overall) that can come from any difference between the
@@ -88,21 +89,21 @@ def format_p(p: float) -> str:
 
 
 def power_text(detectable_auc: float) -> str:
-    """What the test could have found: 'these labels detect only AUC >= 0.66 (80% power)'."""
+    """What the test could have found, e.g. 'the test finds a separation reliably (80% power) only from AUC
+    0.71'."""
     if not math.isfinite(detectable_auc):
-        return "few labelled images give the test little power"
+        return "the test's power cannot be estimated here (tied scores or too few permutations)"
     if detectable_auc >= 1.0:
-        return f"these labels would not reliably detect even a perfect separation ({POWER:.0%} power)"
-    return (f"these labels detect a separation only from AUC {detectable_auc:.2f} ({POWER:.0%} power); "
-            "weaker memorisation passes unnoticed")
+        return "the test would not reliably find even a perfect separation here"
+    return f"the test finds a separation reliably ({POWER:.0%} power) only from AUC {detectable_auc:.2f}"
 
 
 def verdict_text(auc: float, p: float, detectable_auc: float = math.nan) -> str:
     """The verdict for reports: no evidence of memorisation when p > 0.05 (with what the test could have found),
     else that the scores separate."""
     if p > ALPHA:
-        return (f"no evidence of memorisation (p = {format_p(p)}): these labels cannot tell per-image decisions "
-                f"from chance; not an all-clear: {power_text(detectable_auc)}")
+        return (f"no evidence of memorisation (p = {format_p(p)}): per-image decisions cannot be told from chance "
+                f"on these labels; not an all-clear: {power_text(detectable_auc)}")
     return f"the scores separate training members from non-members (AUC {auc:.3f}, p = {format_p(p)})"
 
 
@@ -216,9 +217,9 @@ def memorisation_test(
         done += b
     p = (1 + hits) / (1 + n_permutations)
     n_groups = int(g.max()) + 1
-    detectable = _detectable_auc(np.concatenate(null))
-    verdict = verdict_text(auc, p, detectable)
     reachable = _distinct_assignments(y, g)
+    detectable = _detectable_auc(np.concatenate(null), reachable)
+    verdict = verdict_text(auc, p, detectable)
     if reachable * ALPHA < 1:
         verdict += (f" [only {reachable} distinct label assignments over {n_groups} groups: p cannot fall "
                     f"below about {1 / reachable:.2g}]")
@@ -227,10 +228,13 @@ def memorisation_test(
                              detectable_auc=detectable)
 
 
-def _detectable_auc(null_aucs: np.ndarray) -> float:
+def _detectable_auc(null_aucs: np.ndarray, reachable: int) -> float:
     """The AUC detected with ``POWER`` at level ``ALPHA``: the null's (1 - ALPHA) quantile plus z_POWER of its
-    spread (see the module docstring); nan without a usable null."""
-    if null_aucs.size < 2:
+    spread (see the module docstring); 1.0 when ``reachable`` label assignments cannot give p <= ALPHA; nan
+    without a usable null (tied scores, fewer than 2 permutations)."""
+    if reachable * ALPHA < 1:
+        return 1.0
+    if null_aucs.size < 2 or float(null_aucs.std()) == 0.0:
         return math.nan
     critical = float(np.quantile(null_aucs, 1 - ALPHA))
     return min(1.0, critical + NormalDist().inv_cdf(POWER) * float(null_aucs.std()))

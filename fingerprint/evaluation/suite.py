@@ -803,8 +803,8 @@ def markdown(config: SuiteConfig, rep: dict[str, Any], extras: list[dict[str, An
         + "; margin = chosen test AUC - best baseline test AUC on B (the baseline picked in hindsight). "
         f"A memorisation p above {ALPHA} (no evidence) is followed by the AUC the test would have detected with "
         "80% power on B's dev labels and groups. 'test flagged' and 'test non-members flagged' (false "
-        f"accusations): the decisions at the threshold set on B's dev labels ({THRESHOLD_METHOD.replace('_', ' ')}"
-        ", as in the submissions).",
+        f"accusations): the decisions at the threshold set on B's dev labels "
+        f"({'max F1' if THRESHOLD_METHOD == 'max_f1' else THRESHOLD_METHOD}, as in the submissions).",
         *([""] + [f"- `{r['benchmark']}` shares its split of the real images (split.json) with "
                   f"{', '.join(f'`{o}`' for o in r['held_out_with'])}: they are left out of its rest too, so its "
                   "choice never rests on another copy of the same draw." for r in rows if r["held_out_with"]]),
@@ -853,7 +853,7 @@ def _p(value: float | None, detectable: float | None = None) -> str:
     if value is None:
         return "-"
     if value > ALPHA and detectable is not None and np.isfinite(detectable):
-        return f"{format_p(value)} (detects >= {detectable:.2f})"
+        return f"{format_p(value)} (detectable AUC {detectable:.2f})"
     return format_p(value)
 
 

@@ -148,8 +148,8 @@ def judge(evidence: Evidence | None, signal: str = "per_image", n_scored: int = 
         power = power_text(mem.detectable_auc)
         return Verdict(
             "no_evidence",
-            f"No evidence of memorisation (p = {p}): these labels cannot tell per-image decisions from chance; not "
-            f"an all-clear: {power}.",
+            f"No evidence of memorisation (p = {p}): per-image decisions cannot be told from chance on these "
+            f"labels; not an all-clear: {power}.",
             details=details, findings=False,
             warning=f"No evidence of memorisation (p = {p} > {ALPHA}): the decisions below cannot be told from chance "
                     f"on these labels and must not be read as accusations; nor does this clear the generator: "
