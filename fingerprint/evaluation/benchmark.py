@@ -712,9 +712,9 @@ def fit_for_submission(run: Run, data: FitData, fitted: Fitted, threshold_method
     return finish_fit(d, data, threshold_method=threshold_method, target_fpr=target_fpr)
 
 
-def write_test_predictions(out: Path, data: FitData, d: Detector) -> float:
+def write_test_predictions(out: Path, data: FitData, d: Detector) -> tuple[float, int]:
     """submission.csv (id,0|1, no header) and scores.csv (id,score) for the unlabelled real images, and ``d``
-    saved in ``out/detector``. Returns the threshold."""
+    saved in ``out/detector``. Returns the threshold and how many images it flags."""
     test = np.flatnonzero(data.labels < 0)
     ids = [data.real_ids[i] for i in test]
     s = d.score([data.real[i] for i in test], ids)
@@ -723,7 +723,7 @@ def write_test_predictions(out: Path, data: FitData, d: Detector) -> float:
     write_csv_atomic(out / "scores.csv", [(i, f"{v:.6g}") for i, v in zip(ids, s.score, strict=True)],
                      header=("id", "score"))
     d.save(out / DETECTOR_DIR)
-    return d.threshold
+    return d.threshold, int(np.sum(decisions))
 
 
 def write_roc_plots(out: Path, title: str, labels: np.ndarray, scores: dict[str, np.ndarray],
@@ -786,9 +786,8 @@ def main(config: BenchmarkConfig) -> dict[str, Any]:
     threshold, final, flagged_test = None, None, None
     if submit_run is not None and n_test:
         final = fit_for_submission(submit_run, data, fitted, config.threshold_method, config.target_fpr)
-        threshold = write_test_predictions(out, data, final)
-        flagged_test = (sum(line.endswith(",1") for line in (out / "submission.csv").read_text().splitlines()),
-                        n_test)
+        threshold, flagged = write_test_predictions(out, data, final)
+        flagged_test = (flagged, n_test)
         if isinstance(final, SelectedEnsemble):
             submit_run.notes["chosen_for_test"] = " + ".join(final.meta.extra["chosen"])
     elif submit_run is not None:

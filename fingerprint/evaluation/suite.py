@@ -938,9 +938,8 @@ def submit_extra(config: SuiteConfig, path: Path, candidate: str, why: str, out:
     else:
         fitted.fit(det)
     det = finish_fit(det, data, threshold_method=THRESHOLD_METHOD, target_fpr=TARGET_FPR)
-    threshold = write_test_predictions(bench_out, data, det)
+    threshold, used = write_test_predictions(bench_out, data, det)
     test = np.flatnonzero(data.labels < 0)
-    used = sum(1 for line in (bench_out / "submission.csv").read_text().splitlines() if line.endswith(",1"))
     summary = {"benchmark": path.name, "path": str(path), "candidate": candidate, "threshold": threshold,
                "labelled": int(len(data.train)), "test": int(len(test)), "used_predicted": used}
     if det.meta.extra.get("chosen"):
