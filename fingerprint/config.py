@@ -65,12 +65,9 @@ class ModelConfig:
 
 
 @dataclass
-class ScoreConfig:
-    k: Annotated[int, Range(1)] = 5
-    """Number of nearest generated images whose mean similarity makes a real image's membership score."""
-    calibrate: bool = False
-    """Subtract each image's similarity to its k nearest other real images (a k-NN density ratio). Off by default:
-    on ctbench-s0 it hurt, because the real pool holds other training images that cluster together."""
+class DecisionConfig:
+    """How a fitted detector turns scores into decisions (`fit`, `train` and the Ray jobs share it)."""
+
     threshold_method: Literal["max_f1", "fpr"] = "fpr"
     """Decision threshold from the training labels. 'fpr' (default): flag only images scoring above all but
     --target-fpr of the labelled not-used images, so the share of innocent images wrongly flagged is what is set.
@@ -78,6 +75,15 @@ class ScoreConfig:
     flagging nearly every image, innocent ones included."""
     target_fpr: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.05
     """Target false-positive rate for --threshold-method fpr."""
+
+
+@dataclass
+class ScoreConfig(DecisionConfig):
+    k: Annotated[int, Range(1)] = 5
+    """Number of nearest generated images whose mean similarity makes a real image's membership score."""
+    calibrate: bool = False
+    """Subtract each image's similarity to its k nearest other real images (a k-NN density ratio). Off by default:
+    on ctbench-s0 it hurt, because the real pool holds other training images that cluster together."""
 
     def problems(self) -> list[str]:
         return check_fields(self)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from fingerprint.config import BENCHMARK_HINT, Range, check_fields, flag, path_problems, validate
+from fingerprint.config import BENCHMARK_HINT, DecisionConfig, Range, check_fields, flag, path_problems, validate
 from fingerprint.data.imagesets import load_fit_data
 from fingerprint.detectors import PRESETS, Detector, fit_detector, kinds, resolve_settings
 from fingerprint.io import write_text_atomic
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class FitConfig:
+class FitConfig(DecisionConfig):
     data: str = ""
     """Benchmark folder (dev/ with generated, used, not_used; optionally test/), or a labelled folder/manifest."""
     out: str = "runs/fit"
@@ -44,13 +44,6 @@ class FitConfig:
     """Fraction of the labelled dev images (whole groups) held out for validation metrics; 0 = none."""
     seed: int = 0
     """Seed of the train/validation split."""
-    threshold_method: Literal["max_f1", "fpr"] = "fpr"
-    """Decision threshold from the training labels. 'fpr' (default): flag only images scoring above all but
-    --target-fpr of the labelled not-used images, so the share of innocent images wrongly flagged is what is set.
-    'max_f1' maximises F1 (the ImageCLEF 2023 metric); where memorisation is weak, the best F1 is reached by
-    flagging nearly every image, innocent ones included."""
-    target_fpr: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.05
-    """Target false-positive rate for --threshold-method fpr."""
     group_threshold: Annotated[float, Range(-1, 1)] = 0.95
     """Near-duplicate grouping of real images without patient ids (thumbnail correlation at which slices join)."""
     skip_bad: bool = False
