@@ -92,7 +92,9 @@ NAMES = tuple(n for names in FAMILIES.values() for n in names)
 ALIASES = {"grad_nn": "gradient_nn"}
 """Old table names still accepted by --detectors and --submit."""
 BASELINE_FAMILIES = ("a", "b", "c")
-THRESHOLD_METHOD, TARGET_FPR = "max_f1", 0.05
+SUBMISSION_THRESHOLD, SUBMISSION_TARGET_FPR = "max_f1", 0.05
+"""The harness's decision rule by default (the challenge scores F1), unlike the product's
+(:data:`fingerprint.detectors.base.THRESHOLD_METHOD`)."""
 FLAG_WARNING = 0.2
 """results.md points to --threshold-method fpr when max F1 flags more than this share of dev not-used images."""
 DETECTOR_DIR = "detector"
@@ -148,12 +150,12 @@ class BenchmarkConfig:
     submit: str = "best"
     """Detector whose test predictions are written (submission.csv, scores.csv, detector/); 'auto' = highest
     mean dev AUC, 'none' = write none."""
-    threshold_method: Literal["max_f1", "fpr"] = "max_f1"
+    threshold_method: Literal["max_f1", "fpr"] = SUBMISSION_THRESHOLD
     """Decision threshold, from dev labels, of the out-of-fold decisions (F1, accuracy, kappa) and of
     submission.csv: 'max_f1' (the ImageCLEF 2023 metric; where memorisation is weak it flags nearly every image,
     innocent ones included) or 'fpr' (flag only above all but --target-fpr of the not-used images). results.md
     gives the share of dev not-used images that the submitted detector flags."""
-    target_fpr: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.05
+    target_fpr: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = SUBMISSION_TARGET_FPR
     """Target false-positive rate for --threshold-method fpr."""
     n_boot: int = 1000
     """Bootstrap resamples for the 95% intervals."""
@@ -405,8 +407,8 @@ def _used_members(d: Detector) -> list[Detector]:
 
 
 def evaluate_detector(d: Detector, data: FitData, splits: list[tuple[np.ndarray, np.ndarray]], folds: int,
-                      trained_repeats: int, fitted: Fitted, threshold_method: str = THRESHOLD_METHOD,
-                      target_fpr: float = TARGET_FPR) -> Run:
+                      trained_repeats: int, fitted: Fitted, threshold_method: str = SUBMISSION_THRESHOLD,
+                      target_fpr: float = SUBMISSION_TARGET_FPR) -> Run:
     """Score ``d`` out of fold on every split (costly learning detectors: on the first ``trained_repeats``).
 
     Split indices are positions in ``data.train`` (the labelled dev images). A label-free ``d`` is fitted once
@@ -584,10 +586,11 @@ def groups_from(config: BenchmarkConfig) -> str:
     return inferred
 
 
-def threshold_text(config: BenchmarkConfig, ssim: bool = True) -> str:
-    if config.threshold_method == "max_f1":
+def threshold_text(method: str, target_fpr: float, ssim: bool = True) -> str:
+    """A decision rule in words, for the harness's and the suite's reports."""
+    if method == "max_f1":
         return "max F1" + ("; SSIM: real-to-real quantile chosen by F1" if ssim else "")
-    return f"flagging at most {config.target_fpr:.0%} of the not-used images"
+    return f"flagging at most {target_fpr:.0%} of the not-used images"
 
 
 def decisions_text(config: BenchmarkConfig, run: Run, y: np.ndarray, flagged_test: tuple[int, int] | None) -> str:
@@ -596,7 +599,7 @@ def decisions_text(config: BenchmarkConfig, run: Run, y: np.ndarray, flagged_tes
     dec = run.decisions[0]
     neg, pos = y == 0, y == 1
     fp, tp = int(dec[neg].sum()), int(dec[pos].sum())
-    rule = threshold_text(config, ssim=run.detector.kind == "ssim")
+    rule = threshold_text(config.threshold_method, config.target_fpr, ssim=run.detector.kind == "ssim")
     text = (f"Decisions of `{run.detector.name}` (threshold on the training folds: {rule}): out of fold, first "
             f"repeat, they flag {fp} of {int(neg.sum())} dev not-used images ({fp / max(neg.sum(), 1):.0%}, "
             f"wrongly accused) and {tp} of {int(pos.sum())} used ones ({tp / max(pos.sum(), 1):.0%}).")
@@ -622,7 +625,7 @@ def _markdown(config: BenchmarkConfig, data: FitData, runs: list[Run], g: dict[s
         f"Evaluation: {config.repeats} x {config.folds}-fold group-aware stratified CV ({n_splits} splits); "
         "label-free detectors fitted once on all images, learning ones refitted per split (costly ones on the "
         f"first {config.trained_repeats} repeat(s)). Scores out of fold, thresholds fitted on the training folds "
-        f"({threshold_text(config)}). Metrics averaged over repeats, 95% bootstrap "
+        f"({threshold_text(config.threshold_method, config.target_fpr)}). Metrics averaged over repeats, 95% bootstrap "
         f"intervals ({config.n_boot} resamples); resampling unit: {resampling_unit(data.groups[lab])}, so "
         "near-duplicate slices of one pseudo-patient are never counted as independent.",
         "",
@@ -696,8 +699,8 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def fit_for_submission(run: Run, data: FitData, fitted: Fitted, threshold_method: str = THRESHOLD_METHOD,
-                       target_fpr: float = TARGET_FPR) -> Detector:
+def fit_for_submission(run: Run, data: FitData, fitted: Fitted, threshold_method: str = SUBMISSION_THRESHOLD,
+                       target_fpr: float = SUBMISSION_TARGET_FPR) -> Detector:
     """The detector of ``run`` fitted on all labelled dev images (``data.train``), threshold from their labels.
 
     A label-free detector is the one already fitted for the table; a learning one is fitted once more on every

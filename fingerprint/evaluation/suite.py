@@ -54,8 +54,8 @@ from fingerprint.detectors import PRESETS, Detector, FitData, finish_fit, needs_
 from fingerprint.evaluation.benchmark import (
     ALIASES,
     BASELINE_FAMILIES,
-    TARGET_FPR,
-    THRESHOLD_METHOD,
+    SUBMISSION_TARGET_FPR,
+    SUBMISSION_THRESHOLD,
     BenchmarkConfig,
     Fitted,
     build_detectors,
@@ -64,9 +64,10 @@ from fingerprint.evaluation.benchmark import (
     fit_for_submission,
     recipe_problems,
     summarise,
+    threshold_text,
     write_test_predictions,
 )
-from fingerprint.evaluation.memorisation import ALPHA, format_p
+from fingerprint.evaluation.memorisation import ALPHA, POWER, format_p
 from fingerprint.evaluation.metrics import bootstrap_ci, format_table
 from fingerprint.features.backbones import weights_file
 from fingerprint.io import read_labels, write_text_atomic
@@ -802,9 +803,9 @@ def markdown(config: SuiteConfig, rep: dict[str, Any], extras: list[dict[str, An
         + (", ".join(c["name"] for c in rep["candidates"] if c["baseline"]) or "none among the candidates")
         + "; margin = chosen test AUC - best baseline test AUC on B (the baseline picked in hindsight). "
         f"A memorisation p above {ALPHA} (no evidence) is followed by the AUC the test would have detected with "
-        "80% power on B's dev labels and groups. 'test flagged' and 'test non-members flagged' (false "
+        f"{POWER:.0%} power on B's dev labels and groups. 'test flagged' and 'test non-members flagged' (false "
         f"accusations): the decisions at the threshold set on B's dev labels "
-        f"({'max F1' if THRESHOLD_METHOD == 'max_f1' else THRESHOLD_METHOD}, as in the submissions).",
+        f"({threshold_text(SUBMISSION_THRESHOLD, SUBMISSION_TARGET_FPR, ssim=False)}, as in the submissions).",
         *([""] + [f"- `{r['benchmark']}` shares its split of the real images (split.json) with "
                   f"{', '.join(f'`{o}`' for o in r['held_out_with'])}: they are left out of its rest too, so its "
                   "choice never rests on another copy of the same draw." for r in rows if r["held_out_with"]]),
@@ -937,7 +938,7 @@ def submit_extra(config: SuiteConfig, path: Path, candidate: str, why: str, out:
         det.fit(data)
     else:
         fitted.fit(det)
-    det = finish_fit(det, data, threshold_method=THRESHOLD_METHOD, target_fpr=TARGET_FPR)
+    det = finish_fit(det, data, threshold_method=SUBMISSION_THRESHOLD, target_fpr=SUBMISSION_TARGET_FPR)
     threshold, used = write_test_predictions(bench_out, data, det)
     test = np.flatnonzero(data.labels < 0)
     summary = {"benchmark": path.name, "path": str(path), "candidate": candidate, "threshold": threshold,
