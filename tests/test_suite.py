@@ -18,6 +18,7 @@ from fingerprint.data.phantoms import make_sample_dataset
 from fingerprint.detectors import load_detector
 from fingerprint.evaluation import suite
 from fingerprint.evaluation.suite import SuiteConfig, choose, zoo_info
+from fingerprint.zoo.build import NULL_LEVEL
 
 CANDIDATES = "pixel_l2,pixel_ncc,gradient_nn"
 TINY = dict(candidates=CANDIDATES, folds=2, repeats=1, image_size=32, n_boot=50)
@@ -33,13 +34,15 @@ def _tiny_bench(path: Path, memorisation: float, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def benches(tmp_path_factory) -> tuple[Path, Path]:
-    """(suite folder with three benchmarks, an extra benchmark). Two carry a zoo.json, one does not."""
+    """(suite folder with three benchmarks, an extra benchmark). Two carry a zoo.json, one does not; the one
+    whose generator copies nothing declares itself a null control, as `fingerprint zoo --null-control` does."""
     root = tmp_path_factory.mktemp("suite")
     for i, (name, m) in enumerate(LEVELS.items()):
         _tiny_bench(root / "suite" / name, m, seed=i)
         if name != "m050":
             (root / "suite" / name / "zoo.json").write_text(json.dumps(
-                {"family": "pca", "settings": {"memorisation": m, "blend": 0.1}}))
+                {"family": "pca", **({"memorisation": NULL_LEVEL} if m == 0 else {}),
+                 "settings": {"memorisation": m, "blend": 0.1}}))
     return root / "suite", _tiny_bench(root / "extra", 0.9, seed=7)
 
 
@@ -88,8 +91,9 @@ def test_outputs_and_leave_one_out(first) -> None:
     # zoo.json gives family and memorisation; without one the benchmark is 'unknown'.
     assert (rows["m095"]["family"], rows["m095"]["memorisation"]) == ("pca", "0.95")
     assert (rows["m050"]["family"], rows["m050"]["memorisation"]) == ("unknown", "?")
+    assert rows["m000"]["memorisation"] == NULL_LEVEL
     assert {(f["family"], f["memorisation"]) for f in res["families"]} == {
-        ("pca", "0"), ("pca", "0.95"), ("pca", "all"), ("unknown", "?")}
+        ("pca", NULL_LEVEL), ("pca", "0.95"), ("pca", "all"), ("unknown", "?")}
     md = (out / "suite.md").read_text()
     for text in ("Leave one benchmark out", "By generator family", "What a user may conclude", "test AUC on B"):
         assert text in md
@@ -107,21 +111,35 @@ def test_outputs_and_leave_one_out(first) -> None:
         dec = np.array(cached["decisions"])
         assert r["test_flagged"] == pytest.approx(dec.mean())
         assert r["test_false_accusations"] == pytest.approx(dec[y == 0].mean())
+        # The product's rule: the threshold flags at most 5% of the dev not-used images it was set on.
+        product = np.array(cached["product_decisions"])
+        assert r["test_flagged_product"] == pytest.approx(product.mean())
+        assert r["test_false_accusations_product"] == pytest.approx(product[y == 0].mean())
+        assert np.array_equal(product, np.asarray(cached["scores"]) >= cached["product_threshold"])
         if r["dev_memorisation_p"] > 0.05:
             assert f"(detectable AUC {r['dev_memorisation_detectable_auc']:.2f})" in md
         mine = {g["goal"]: g for g in goals if g["benchmark"] == r["benchmark"]}
         strong = r["best_baseline_test_auc"] >= suite.STRONG_BASELINE
-        margin = next(g for name, g in mine.items() if name.startswith("test AUC >= best baseline"))
-        assert margin["target"] == pytest.approx(r["best_baseline_test_auc"] + (0 if strong else suite.AHEAD))
-        assert margin["met"] == (r["test_auc"] >= margin["target"])
-        assert (f"test TPR at 1% FPR >= {suite.STRONG_TPR}" in mine) == strong
+        if r["memorisation"] == NULL_LEVEL:
+            # A null control has nothing to find: no baseline to beat, and the no-evidence goal always applies.
+            assert not r["signal_on_test"]
+            assert set(mine) == {f"test AUC >= {suite.FLOOR}", f"no signal on test: dev memorisation test p > "
+                                 f"{suite.ALPHA}"}
+            assert f"Null control `{r['benchmark']}`" in md and f"{r['test_flagged_product']:.0%} at the fpr" in md
+        else:
+            margin = next(g for name, g in mine.items() if name.startswith("test AUC >= best baseline"))
+            assert margin["target"] == pytest.approx(r["best_baseline_test_auc"] + (0 if strong else suite.AHEAD))
+            assert margin["met"] == (r["test_auc"] >= margin["target"])
+            assert (f"test TPR at 1% FPR >= {suite.STRONG_TPR}" in mine) == strong
         assert mine[f"test AUC >= {suite.FLOOR}"]["met"] == (r["test_auc"] >= suite.FLOOR)
         no_signal = [g for name, g in mine.items() if name.startswith("no signal on test")]
         assert bool(no_signal) == (not r["signal_on_test"])
         for g in no_signal:
             assert g["value"] == r["dev_memorisation_p"] and g["met"] == (g["value"] > 0.05)
     assert "Goals, per held-out benchmark" in md and "memorisation p (dev)" in md
-    assert "test non-members flagged" in md
+    assert "test non-members flagged" in md and "test non-members flagged, fpr rule" in md
+    # The margin over baselines is averaged over the benchmarks with something to find only.
+    assert "positive on" in md and "of 2 with something to find" in md
 
 
 def test_benchmarks_sharing_a_split_are_held_out_together(benches, tmp_path) -> None:

@@ -161,6 +161,41 @@ def test_same_seed_rebuilds_the_same_files_and_another_seed_does_not(built, samp
     assert _png_hashes(built) != _png_hashes(tmp_path / "b3")
 
 
+def test_null_control_trains_on_other_groups_and_declares_nothing_memorised(sample_bench, tmp_path):
+    """--null-control: the images labelled used are drawn exactly as before, but the generator trains on as many
+    other groups, released nowhere; zoo.json says memorisation 'none' and the suite reads it."""
+    from fingerprint.evaluation.suite import zoo_info
+    from fingerprint.zoo.build import NULL_LEVEL
+
+    # A manifest with 12 groups of 3: the phantoms' inferred grouping (5 groups) is too coarse for three sets.
+    real = sorted(p for d in ("dev/used", "dev/not_used", "test/real_unknown") for p in (sample_bench / d).glob("*"))
+    manifest = tmp_path / "pool.csv"
+    manifest.write_text("path,role,group\n" + "".join(f"{p},real_unknown,{i // 3}\n" for i, p in enumerate(real)))
+    ordinary, out = tmp_path / "ordinary", tmp_path / "null"
+    _build([manifest], ordinary, members=6)
+    record = _build([manifest], out, members=6, null_control=True)
+    split = json.loads((out / "split.json").read_text())
+    files = split["files"].values()
+    labelled = {f["source"] for f in files}
+    used = {f["source"] for f in files if f["label"] == 1}
+    trained = set(split["members"])
+    assert split["null_control"] and trained and used and not trained & labelled
+    # Same seed: the same images labelled used as the ordinary build, which trained on exactly them.
+    assert used == set(json.loads((ordinary / "split.json").read_text())["members"])
+    pool = load_pool([manifest], 16)
+    group = dict(zip(pool.sources, pool.groups.tolist(), strict=True))
+    assert not {group[s] for s in trained} & {group[s] for s in labelled}  # whole groups, none shared
+    assert record["memorisation"] == NULL_LEVEL and record["build"]["null_control"]
+    assert record["counts"]["members"] == len(trained) and record["counts"]["labelled_used"] == len(used)
+    assert zoo_info(out)[:2] == ("ae_gmm", NULL_LEVEL)
+    assert zoo_info(ordinary)[1] != NULL_LEVEL and "memorisation" not in json.loads(
+        (ordinary / "zoo.json").read_text())
+    assert "A null control" in (out / "README.md").read_text()
+    # Too small a pool for three disjoint sets names the flag.
+    with pytest.raises(ConfigError, match="--members.*null control"):
+        _build([manifest], tmp_path / "too-big", null_control=True, members=16)
+
+
 def test_pool_reads_plain_folders_and_manifests_and_drops_duplicates(sample_bench, tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -271,6 +306,7 @@ def test_shipped_suite_is_valid_and_spans_the_families():
     suite = load_suite(ROOT / "benchmarks/zoo/suite.yaml")
     assert len(suite.entries) >= 8
     assert {e.family for e in suite.entries} == {"dcgan", "vae", "diffusion", "ae_gmm"}
+    assert any(e.null_control for e in suite.entries)  # something where nothing is to be found
     # Each entry draws its own split of the pool: benchmarks sharing one are not independent held-out tests.
     seeds = [e.seed if e.seed is not None else suite.defaults.seed for e in suite.entries]
     assert len(set(seeds)) == len(seeds), seeds

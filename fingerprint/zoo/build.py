@@ -46,7 +46,11 @@ from fingerprint.io import atomic_dir, jsonable, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BuildSettings", "PoolImages", "build_benchmark", "build_suite", "load_pool", "load_suite", "split_groups"]
+__all__ = ["NULL_LEVEL", "BuildSettings", "PoolImages", "build_benchmark", "build_suite", "load_pool", "load_suite",
+           "split_groups"]
+
+NULL_LEVEL = "none"
+"""The memorisation level a null control's zoo.json declares: nothing labelled used was in the training set."""
 
 
 @dataclass
@@ -71,6 +75,10 @@ class BuildSettings:
     """Seed of the split, the training, the sampling and the shuffling of the test images."""
     group_threshold: Annotated[float, Range(-1, 1)] = 0.95
     """Pseudo-patient grouping: thumbnail correlation at which near-duplicate slices join (average linkage)."""
+    null_control: bool = False
+    """A null control: the generator trains on about --members other pool images (whole groups, released nowhere)
+    instead of the images labelled used, so nothing labelled was memorised and every detector should score at
+    chance; zoo.json says memorisation 'none'."""
 
     def problems(self) -> list[str]:
         out = check_fields(self)
@@ -182,7 +190,8 @@ def _fill(groups: list[int], sizes: dict[int, int], targets: Sequence[float]) ->
 
 
 def split_groups(groups: np.ndarray, build: BuildSettings, seed: int) -> dict[str, np.ndarray]:
-    """Indices of dev_used, test_used, dev_not_used, test_not_used and left_out images (whole groups each).
+    """Indices of dev_used, test_used, dev_not_used, test_not_used, trained (the generator's training set: the
+    used images, or with ``null_control`` as many other images) and left_out images (whole groups each).
 
     Raises ConfigError naming --members or --pool when the pool cannot give both sides of dev and test a group.
     """
@@ -195,17 +204,29 @@ def split_groups(groups: np.ndarray, build: BuildSettings, seed: int) -> dict[st
         raise ConfigError([f"--pool: {n} images in {len(ids)} pseudo-patient group(s); a benchmark needs at least 4 "
                            "groups (members and non-members, each in dev and test). Add images, or raise "
                            "--group-threshold to split groups more finely."])
-    members, total = [], 0
-    for g in order:
-        if total >= build.members and len(members) >= 2:
-            break
-        members.append(g)
-        total += sizes[g]
-    others = [g for g in order if g not in set(members)]
+
+    def take(candidates: list[int]) -> tuple[list[int], int]:
+        chosen, total = [], 0
+        for g in candidates:
+            if total >= build.members and len(chosen) >= 2:
+                break
+            chosen.append(g)
+            total += sizes[g]
+        return chosen, total
+
+    members, total = take(order)
+    trained, taken = members, total
+    if build.null_control:
+        # The next groups of the same shuffled order: drawn exactly like the labelled used images, never released.
+        trained, t_total = take([g for g in order if g not in set(members)])
+        taken += t_total
+    others = [g for g in order if g not in set(members) | set(trained)]
     if len(others) < 2:
-        raise ConfigError([f"--members: {build.members} members take {total} of the {n} pool images, leaving "
-                           f"{n - total} image(s) in {len(others)} group(s) for non-members; at least 2 groups are "
-                           f"needed (dev and test). Use fewer members (at most about {n // 2}) or a bigger --pool."])
+        held = "members and the null control's training set take" if build.null_control else "members take"
+        raise ConfigError([f"--members: {build.members} {held} {taken} of the {n} pool images, leaving "
+                           f"{n - taken} image(s) in {len(others)} group(s) for non-members; at least 2 groups are "
+                           f"needed (dev and test). Use fewer members (at most about "
+                           f"{n // (3 if build.null_control else 2)}) or a bigger --pool."])
     (dev_m, test_m), _ = _fill(members, sizes, [build.dev_fraction * total, (1 - build.dev_fraction) * total])
     if not test_m:  # one huge group took every member slot of dev
         test_m.append(dev_m.pop())
@@ -216,7 +237,8 @@ def split_groups(groups: np.ndarray, build: BuildSettings, seed: int) -> dict[st
         return np.flatnonzero(np.isin(groups, gs)).astype(np.int64)
 
     return {"dev_used": idx(dev_m), "test_used": idx(test_m), "dev_not_used": idx(dev_n),
-            "test_not_used": idx(test_n), "left_out": idx(rest)}
+            "test_not_used": idx(test_n), "trained": idx(trained if build.null_control else dev_m + test_m),
+            "left_out": idx(rest)}
 
 
 # --------------------------------------------------------------------------------------------------- build
@@ -270,7 +292,7 @@ def build_benchmark(out: str | Path, pool: Sequence[str | Path] | PoolImages, fa
     parts = split_groups(pool.groups, build, seeds["split"])
     t_load = time.perf_counter() - t0
 
-    train_idx = np.sort(np.concatenate([parts["dev_used"], parts["test_used"]]))
+    train_idx = parts["trained"]
     log.info("%s: training %s on %d images (%d groups) of %d in the pool", name or out.name, family_name,
              len(train_idx), len(np.unique(pool.groups[train_idx])), len(pool.sources))
     t1 = time.perf_counter()
@@ -294,6 +316,7 @@ def build_benchmark(out: str | Path, pool: Sequence[str | Path] | PoolImages, fa
     counts = {"pool": len(pool.sources), "pool_groups": int(len(np.unique(pool.groups))),
               "duplicates_dropped": len(pool.duplicates), "members": int(len(train_idx)),
               "member_groups": int(len(np.unique(pool.groups[train_idx]))),
+              "labelled_used": int(len(dev_used) + len(parts["test_used"])),
               "dev_generated": build.dev_generated, "dev_used": int(len(dev_used)), "dev_not_used": int(len(dev_not)),
               "test_generated": build.test_generated, "test_real_unknown": int(len(test_real)),
               "test_used": int(test_lab.sum()), "test_not_used": int(len(test_lab) - test_lab.sum()),
@@ -327,7 +350,8 @@ def build_benchmark(out: str | Path, pool: Sequence[str | Path] | PoolImages, fa
                 wr = csv.writer(f, lineterminator="\n")
                 wr.writerow(header)
                 wr.writerows(rows)
-        split = {"seed": build.seed, "seeds": seeds, "members": [pool.sources[j] for j in train_idx],
+        split = {"seed": build.seed, "seeds": seeds, "null_control": build.null_control,
+                 "members": [pool.sources[j] for j in train_idx],
                  "files": files, "left_out": [pool.sources[j] for j in parts["left_out"]],
                  "duplicates_dropped": [{"file": a, "same_as": b} for a, b in pool.duplicates]}
         (tmp / "split.json").write_text(json.dumps(split, indent=1) + "\n")
@@ -336,7 +360,10 @@ def build_benchmark(out: str | Path, pool: Sequence[str | Path] | PoolImages, fa
         import torch
 
         record = {
-            "name": name or out.name, "family": family_name, "settings": dataclasses.asdict(gen.settings),
+            "name": name or out.name, "family": family_name,
+            # What the suite groups its report by (fingerprint.evaluation.suite.zoo_info): known, not measured.
+            **({"memorisation": NULL_LEVEL} if build.null_control else {}),
+            "settings": dataclasses.asdict(gen.settings),
             "build": dataclasses.asdict(build), "seed": build.seed, "counts": counts, "checks": checks,
             "generator_extra": gen.extra, "history": history,
             "timing": {"load_split_s": round(t_load, 2), "fit_s": round(t_fit, 2), "sample_s": round(t_sample, 2),
@@ -361,6 +388,23 @@ def _readme(r: dict[str, Any], pool: PoolImages, gen: Any) -> str:
     pool_text = ", ".join(f"`{x}`" for x in roots[:6]) + (" ..." if len(roots) > 6 else "")
     hist = r["history"]
     last = ", ".join(f"{k} {v:.4g}" for k, v in hist[-1].items() if k not in ("step", "seconds")) if hist else ""
+    if b.get("null_control"):
+        null_text = f"""
+**A null control.** Nothing labelled used here was in the generator's training set: the generator trained on
+{c['members']} other pool images ({c['member_groups']} groups, drawn like the labelled used images and released
+nowhere), and the {c['labelled_used']} images labelled used (`dev/used/`, label 1 in `test_labels.csv`) are as new
+to it as the not-used ones. Any detector should score at chance here, a memorisation test should find no evidence,
+and every image a detector flags is a false accusation.
+"""
+        training_text = f"""Training set: {c['members']} pool images in {c['member_groups']} groups (asked for about
+{b['members']}), none of them released (listed in `split.json` as `members`). Labelled used, but not trained on:
+{c['labelled_used']} images, the {c['dev_used']} in `dev/used/` and the {c['test_used']} labelled 1 in
+`test/real_unknown/`."""
+    else:
+        null_text = ""
+        training_text = f"""Training set: {c['members']} images in {c['member_groups']} groups (asked for about
+{b['members']}); all of them are released: the {c['dev_used']} images in `dev/used/` and the {c['test_used']} used
+images in `test/real_unknown/`."""
     return f"""# {r['name']}: membership-inference benchmark made by `fingerprint zoo`
 
 ## What this is
@@ -368,7 +412,7 @@ A benchmark in the layout of the shared ctbench benchmarks (and of the ImageCLEF
 (`{r['family']}`) was trained on a known subset of a pool of real images; given its generated images, which real
 images were in its training set? All images are 8-bit grayscale PNG files, {b['image_size']} x {b['image_size']}
 pixels. Made with seed {b['seed']}; the same command with the same seed rewrites the same images.
-
+{null_text}
 ## Layout and counts
 - `dev/generated/`: {c['dev_generated']} generated images (`gen_00001.png` ...).
 - `dev/used/`: {c['dev_used']} real images that WERE in the generator's training set (`used_0001.png` ...).
@@ -392,8 +436,7 @@ correlation {b['group_threshold']}; a manifest's groups where every image had on
 the training side (members) or the held-out side, and within each side to dev or test, so dev and test real images
 come from different groups. The grouping is approximate: two groups may still come from one patient.
 
-Training set: {c['members']} images in {c['member_groups']} groups (asked for about {b['members']}); all of them are
-released: the {c['dev_used']} images in `dev/used/` and the {c['test_used']} used images in `test/real_unknown/`.
+{training_text}
 Non-members: {b['non_member_ratio']:g} per member on each side as far as whole groups allow; {c['left_out']} pool
 images were left out.
 
@@ -456,9 +499,11 @@ def built_as(target: Path, family_name: str, settings: dict[str, Any], build: Bu
         return None
     record = json.loads(path.read_text())
     wanted = json.loads(json.dumps(dataclasses.asdict(build)))
+    # A build setting added since that build took its default there.
+    default = json.loads(json.dumps(dataclasses.asdict(BuildSettings())))
     same = (record.get("family") == family_name
             and all(record.get("settings", {}).get(k) == v for k, v in json.loads(json.dumps(settings)).items())
-            and all(record.get("build", {}).get(k) == v for k, v in wanted.items()))
+            and all(record.get("build", {}).get(k, default[k]) == v for k, v in wanted.items()))
     return record if same else None
 
 

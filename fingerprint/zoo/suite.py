@@ -44,6 +44,7 @@ class SuiteEntry(BaseModel):
     temperature: float | None = None
     seed: int | None = None
     group_threshold: float | None = None
+    null_control: bool | None = None
 
 
 class Suite(BaseModel):
