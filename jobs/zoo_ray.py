@@ -111,7 +111,9 @@ def track(config: ZooRayConfig, record: dict[str, Any], folder: Path) -> str | N
         return None
     experiment_id = tracking.setup_experiment(config.tracking_uri, config.experiment, config.artifact_root)
     with tracking.start_run(config.tracking_uri, experiment_id, record["name"],
-                            tags={"family": record["family"]}) as run:
+                            tags={"family": record["family"],
+                                  **({"memorisation": record["memorisation"]} if "memorisation" in record else {})
+                                  }) as run:
         if mlflow.get_run(run.info.run_id).data.tags.get(LOGGED_TAG):
             return run.info.run_id
         params = {"family": record["family"],

@@ -180,6 +180,7 @@ def test_null_control_trains_on_other_groups_and_declares_nothing_memorised(samp
     used = {f["source"] for f in files if f["label"] == 1}
     trained = set(split["members"])
     assert split["null_control"] and trained and used and not trained & labelled
+    assert "null_control" not in json.loads((ordinary / "split.json").read_text())  # ordinary builds unchanged
     # Same seed: the same images labelled used as the ordinary build, which trained on exactly them.
     assert used == set(json.loads((ordinary / "split.json").read_text())["members"])
     pool = load_pool([manifest], 16)
@@ -194,6 +195,21 @@ def test_null_control_trains_on_other_groups_and_declares_nothing_memorised(samp
     # Too small a pool for three disjoint sets names the flag.
     with pytest.raises(ConfigError, match="--members.*null control"):
         _build([manifest], tmp_path / "too-big", null_control=True, members=16)
+
+
+def test_split_of_a_null_control_labels_the_same_images_and_trains_on_other_groups():
+    from fingerprint.zoo.build import split_groups
+
+    groups = np.repeat(np.arange(60), 3)
+    plain = split_groups(groups, BuildSettings(members=30), seed=4)
+    null = split_groups(groups, BuildSettings(members=30, null_control=True), seed=4)
+    assert np.array_equal(plain["trained"], np.sort(np.r_[plain["dev_used"], plain["test_used"]]))
+    for part in ("dev_used", "test_used"):
+        assert np.array_equal(plain[part], null[part])
+    released = np.concatenate([null[k] for k in ("dev_used", "test_used", "dev_not_used", "test_not_used")])
+    assert len(null["trained"]) >= 30 and not set(groups[null["trained"]]) & set(groups[released])
+    every = np.sort(np.concatenate([released, null["trained"], null["left_out"]]))
+    assert np.array_equal(every, np.arange(len(groups)))  # each image in exactly one part
 
 
 def test_pool_reads_plain_folders_and_manifests_and_drops_duplicates(sample_bench, tmp_path):

@@ -282,12 +282,18 @@ class Bench:
 
     @functools.cached_property
     def split_key(self) -> str | None:
-        """Digest of the zoo's training set (``split.json`` members), None where unknown: benchmarks with the same
-        key share their real images' split, so one cannot be held out while choosing on the other."""
+        """Digest of the zoo's images labelled used (``split.json``), None where unknown: benchmarks with the same
+        key share their real images' split, so one cannot be held out while choosing on the other.
+
+        The released labels, not the training set: a null control's labelled used images are those of an ordinary
+        build with its seed, while its training set is another draw."""
         file = self.path / "split.json"
         try:
-            members = json.loads(file.read_text()).get("members") if file.is_file() else None
-        except (OSError, ValueError, AttributeError):
+            split = json.loads(file.read_text()) if file.is_file() else {}
+            files = split.get("files")
+            members = ([f["source"] for f in files.values() if f.get("label") == 1] if isinstance(files, dict)
+                       else split.get("members"))
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
             return None
         return hashlib.sha256(json.dumps(sorted(map(str, members))).encode()).hexdigest()[:16] if members else None
 
@@ -484,6 +490,7 @@ def evaluate_benchmark(config: SuiteConfig, bench: Bench, out: Path) -> dict[str
         # report can count the false accusations each makes.
         dev_s = final.score([data.real[i] for i in lab], [data.real_ids[i] for i in lab])
         product_threshold = float(final.choose_threshold(y, dev_s, THRESHOLD_METHOD, TARGET_FPR))
+        product_dev_fpr = float(np.mean(dev_s.score[y == 0] >= product_threshold))
         result = {
             "key": key,
             "benchmark": bench.name,
@@ -512,6 +519,7 @@ def evaluate_benchmark(config: SuiteConfig, bench: Bench, out: Path) -> dict[str
                 "threshold": final.threshold,
                 "product_decisions": (s.score >= product_threshold).astype(np.int64).tolist(),
                 "product_threshold": product_threshold,
+                "product_dev_not_used_flagged": product_dev_fpr,
             },
             "notes": run_.notes,
             "seconds": time.perf_counter() - t0,
@@ -596,16 +604,21 @@ def report(config: SuiteConfig, benches: list[Bench], results: dict[str, dict[st
     # The choices first, from dev-CV AUCs only; test labels are read below, for reporting.
     choices = {}
     split = {b.name: b.split_key for b in benches}
+    # A null control's dev-CV AUCs are noise around 0.5, and the detectors scoring above it there pick up
+    # something other than memorisation: they are reported, never chosen on (what is a null is known from the
+    # build, not measured).
+    choosable = [b.name for b in benches if b.memorisation != NULL_LEVEL] or names
     shared: dict[str, list[str]] = {}
     for b in names:
         # Benchmarks drawn on the same split share any chance difference between its members and non-members:
         # held out together, so the choice never rests on another copy of the same draw.
         shared[b] = [o for o in names if o != b and split[b] is not None and split[o] == split[b]]
-        rest = [o for o in names if o != b and o not in shared[b]] or [o for o in names if o != b]
+        others = [o for o in choosable if o != b] or [o for o in names if o != b]
+        rest = [o for o in others if o not in shared[b]] or others
         choices[b] = {rule: choose(dev, rest, rule) for rule in RULES}
         choices[b]["baseline"] = choose(dev, rest, config.rule, baselines) if baselines else None
         choices[b]["own_dev"] = choose(dev, [b], "mean")
-    suite_choice = {rule: choose(dev, names, rule) for rule in RULES}
+    suite_choice = {rule: choose(dev, choosable, rule) for rule in RULES}
 
     test: dict[str, dict[str, dict[str, Any]]] = {}
     for bench in benches:
@@ -652,10 +665,12 @@ def report(config: SuiteConfig, benches: list[Bench], results: dict[str, dict[st
 
     families = []
     levels = {fam: {r["memorisation"] for r in rows if r["family"] == fam} for fam in {r["family"] for r in rows}}
+    levels = {fam: lv - {NULL_LEVEL} for fam, lv in levels.items()}  # a null control is never in "all"
     keys = sorted({(r["family"], r["memorisation"]) for r in rows}
                   | {(fam, "all") for fam, lv in levels.items() if len(lv) > 1})
     for key in keys:
-        rs = [r for r in rows if r["family"] == key[0] and key[1] in ("all", r["memorisation"])]
+        rs = [r for r in rows if r["family"] == key[0]
+              and (r["memorisation"] == key[1] or (key[1] == "all" and r["memorisation"] != NULL_LEVEL))]
         fam = {"family": key[0], "memorisation": key[1], "benchmarks": len(rs),
                "dev_auc": float(np.mean([r["dev_auc"] for r in rs])),
                "test_auc": float(np.mean([r["test_auc"] for r in rs])),
@@ -729,9 +744,11 @@ def _over(gap: np.ndarray) -> str:
 
 
 def conclusions(rep: dict[str, Any]) -> list[str]:
-    """What a user may conclude, in sentences built from the numbers."""
-    rows = rep["leave_one_out"]
+    """What a user may conclude, in sentences built from the numbers (null controls apart)."""
+    nulls = [r for r in rep["leave_one_out"] if r["memorisation"] == NULL_LEVEL]
+    rows = [r for r in rep["leave_one_out"] if r["memorisation"] != NULL_LEVEL] or rep["leave_one_out"]
     n = len(rows)
+    where = f" with something to find (the {len(nulls)} null control(s) below apart)" if nulls else ""
     dev = np.array([r["dev_auc"] for r in rows])
     tst = np.array([r["test_auc"] for r in rows])
     above = sum(r["test_auc_ci"][1] > 0.5 for r in rows)
@@ -740,7 +757,8 @@ def conclusions(rep: dict[str, Any]) -> list[str]:
     picks = sorted({r["chosen"] for r in rows})
     out = [
         f"- Chosen on the other benchmarks ({rep['rule']} rule), the detector reached a mean test AUC of "
-        f"{tst.mean():.3f} (range {tst.min():.3f}-{tst.max():.3f}) over {n} held-out benchmarks, where its dev-CV "
+        f"{tst.mean():.3f} (range {tst.min():.3f}-{tst.max():.3f}) over {n} held-out benchmarks{where}, where its "
+        "dev-CV "
         f"AUC on the same benchmarks averaged {dev.mean():.3f} (dev - test {np.mean(dev - tst):+.3f}; "
         f"{_over(dev - tst)}).",
         f"- Its test AUC interval (whole pseudo-patient groups resampled) lies above 0.5 on {above} of {n} "
@@ -751,29 +769,25 @@ def conclusions(rep: dict[str, Any]) -> list[str]:
         f"- The held-out choice was {'always ' + picks[0] if len(picks) == 1 else 'not stable: ' + ', '.join(picks)}"
         f"; on the whole suite the {rep['rule']} rule picks {rep['suite_choice'][rep['rule']]['candidate']}.",
     ]
-    real = [r for r in rows if r["memorisation"] != NULL_LEVEL]
-    if real and "margin" in real[0]:
-        m = np.array([r["margin"] for r in real])
-        mf = np.array([r["margin_over_chosen_baseline"] for r in real])
-        k = len(real)
+    if rows and "margin" in rows[0]:
+        m = np.array([r["margin"] for r in rows])
+        mf = np.array([r["margin_over_chosen_baseline"] for r in rows])
         out.append(
             f"- Against the best simple baseline on each benchmark's test labels (chosen in hindsight, a hard bar) "
-            f"the margin is {m.mean():+.3f} on average (positive on {int((m > 0).sum())} of {k}"
-            f"{'' if k == n else ' with something to find'}); against the baseline the same rule picks on the "
-            f"other benchmarks, {mf.mean():+.3f} (positive on {int((mf > 0).sum())} of {k}).")
-    for r in rows:
-        if r["memorisation"] == NULL_LEVEL:
-            p = r.get("dev_memorisation_p")
-            verdict = ("no evidence of memorisation" if p is not None and p > ALPHA
-                       else "evidence of memorisation, a false alarm here" if p is not None else "no test")
-            out.append(
-                f"- Null control `{r['benchmark']}` (its generator never saw the images labelled used): test AUC "
-                f"{r['test_auc']:.3f} [{r['test_auc_ci'][1]:.3f}, {r['test_auc_ci'][2]:.3f}]; the memorisation "
-                f"test on its dev labels says {verdict} (p = {format_p(p) if p is not None else '-'}). Every "
-                f"image flagged there is a false accusation: {r['test_flagged']:.0%} of its test images at the "
-                f"submission's threshold ({threshold_text(SUBMISSION_THRESHOLD, SUBMISSION_TARGET_FPR, ssim=False)}), "
-                f"{r['test_flagged_product']:.0%} at the "
-                f"{THRESHOLD_METHOD} rule.")
+            f"the margin is {m.mean():+.3f} on average (positive on {int((m > 0).sum())} of {n}); against the "
+            f"baseline the same rule picks on the other benchmarks, {mf.mean():+.3f} "
+            f"(positive on {int((mf > 0).sum())} of {n}).")
+    for r in nulls:
+        p = r.get("dev_memorisation_p")
+        verdict = ("no evidence of memorisation" if p is not None and p > ALPHA
+                   else "evidence of memorisation, a false alarm here" if p is not None else "no test")
+        out.append(
+            f"- Null control `{r['benchmark']}` (its generator never saw the images labelled used): test AUC "
+            f"{r['test_auc']:.3f} [{r['test_auc_ci'][1]:.3f}, {r['test_auc_ci'][2]:.3f}]; the memorisation "
+            f"test on its dev labels says {verdict} (p = {format_p(p) if p is not None else '-'}). Every "
+            f"image flagged there is a false accusation: {r['test_flagged']:.0%} of its test images at the "
+            f"submission's threshold ({threshold_text(SUBMISSION_THRESHOLD, SUBMISSION_TARGET_FPR, ssim=False)}), "
+            f"{r['test_flagged_product']:.0%} at the {THRESHOLD_METHOD} rule.")
     fams = {(r["family"], r["memorisation"]) for r in rows}
     if fams == {("unknown", "?")}:
         out.append("- No benchmark has a zoo.json, so results are not split by generator family or memorisation.")
@@ -796,7 +810,8 @@ def markdown(config: SuiteConfig, rep: dict[str, Any], extras: list[dict[str, An
              "fa_product": f"{r['test_false_accusations_product']:.0%}",
              "p": _p(r.get("dev_memorisation_p"), r.get("dev_memorisation_detectable_auc"))}
         if has_base:
-            t.update(base=f"{r['best_baseline']} ({r['best_baseline_test_auc']:.3f})", margin=r["margin"])
+            t.update(base=f"{r['best_baseline']} ({r['best_baseline_test_auc']:.3f})",
+                     margin=f"{r['margin']:.3f}" if r["memorisation"] != NULL_LEVEL else "n/a (null)")
         table_rows.append(t)
     table_rows.sort(key=lambda t: (t["family"], t["mem"], t["benchmark"]))
     cols: list[tuple[str, str]] = [
@@ -842,9 +857,11 @@ def markdown(config: SuiteConfig, rep: dict[str, Any], extras: list[dict[str, An
         f"accusations): the decisions at the threshold set on B's dev labels "
         f"({threshold_text(SUBMISSION_THRESHOLD, SUBMISSION_TARGET_FPR, ssim=False)}, as in the submissions); "
         f"'{THRESHOLD_METHOD} rule': the same at the product's default threshold "
-        f"({threshold_text(THRESHOLD_METHOD, TARGET_FPR, ssim=False)}, as `fit`, the registry and the service). "
+        f"({threshold_text(THRESHOLD_METHOD, TARGET_FPR, ssim=False)} of B's dev labels; the rule of `fit`, the "
+        "registry and the service). "
         f"Memorisation '{NULL_LEVEL}': a null control, whose generator trained on other images than those "
-        "labelled used, so every image flagged there is a false accusation and no baseline goal applies.",
+        "labelled used, so every image flagged there is a false accusation and no baseline goal applies; nulls "
+        "are held out like the others but never chosen on.",
         *([""] + [f"- `{r['benchmark']}` shares its split of the real images (split.json) with "
                   f"{', '.join(f'`{o}`' for o in r['held_out_with'])}: they are left out of its rest too, so its "
                   "choice never rests on another copy of the same draw." for r in rows if r["held_out_with"]]),

@@ -222,11 +222,12 @@ def split_groups(groups: np.ndarray, build: BuildSettings, seed: int) -> dict[st
         taken += t_total
     others = [g for g in order if g not in set(members) | set(trained)]
     if len(others) < 2:
+        share = (2 if build.null_control else 1) + build.non_member_ratio  # pool images per member
         held = "members and the null control's training set take" if build.null_control else "members take"
         raise ConfigError([f"--members: {build.members} {held} {taken} of the {n} pool images, leaving "
                            f"{n - taken} image(s) in {len(others)} group(s) for non-members; at least 2 groups are "
-                           f"needed (dev and test). Use fewer members (at most about "
-                           f"{n // (3 if build.null_control else 2)}) or a bigger --pool."])
+                           f"needed (dev and test). Use fewer members (at most about {int(n / share)}) or a "
+                           "bigger --pool."])
     (dev_m, test_m), _ = _fill(members, sizes, [build.dev_fraction * total, (1 - build.dev_fraction) * total])
     if not test_m:  # one huge group took every member slot of dev
         test_m.append(dev_m.pop())
@@ -350,7 +351,7 @@ def build_benchmark(out: str | Path, pool: Sequence[str | Path] | PoolImages, fa
                 wr = csv.writer(f, lineterminator="\n")
                 wr.writerow(header)
                 wr.writerows(rows)
-        split = {"seed": build.seed, "seeds": seeds, "null_control": build.null_control,
+        split = {"seed": build.seed, "seeds": seeds, **({"null_control": True} if build.null_control else {}),
                  "members": [pool.sources[j] for j in train_idx],
                  "files": files, "left_out": [pool.sources[j] for j in parts["left_out"]],
                  "duplicates_dropped": [{"file": a, "same_as": b} for a, b in pool.duplicates]}
@@ -400,11 +401,17 @@ and every image a detector flags is a false accusation.
 {b['members']}), none of them released (listed in `split.json` as `members`). Labelled used, but not trained on:
 {c['labelled_used']} images, the {c['dev_used']} in `dev/used/` and the {c['test_used']} labelled 1 in
 `test/real_unknown/`."""
+        used_text = "real images labelled used (NOT in the training set: a null control)"
+        label_text = "1 = labelled used"
+        sides_text = ("the labelled-used side, the training side (released nowhere) or the held-out side, and "
+                      "the two released sides to dev or test")
     else:
         null_text = ""
         training_text = f"""Training set: {c['members']} images in {c['member_groups']} groups (asked for about
 {b['members']}); all of them are released: the {c['dev_used']} images in `dev/used/` and the {c['test_used']} used
 images in `test/real_unknown/`."""
+        used_text, label_text = "real images that WERE in the generator's training set", "1 = used for training"
+        sides_text = "the training side (members) or the held-out side, and within each side to dev or test"
     return f"""# {r['name']}: membership-inference benchmark made by `fingerprint zoo`
 
 ## What this is
@@ -415,12 +422,12 @@ pixels. Made with seed {b['seed']}; the same command with the same seed rewrites
 {null_text}
 ## Layout and counts
 - `dev/generated/`: {c['dev_generated']} generated images (`gen_00001.png` ...).
-- `dev/used/`: {c['dev_used']} real images that WERE in the generator's training set (`used_0001.png` ...).
+- `dev/used/`: {c['dev_used']} {used_text} (`used_0001.png` ...).
 - `dev/not_used/`: {c['dev_not_used']} real images that were NOT (`not_used_0001.png` ...).
 - `test/generated/`: {c['test_generated']} generated images, sampled from the same generator with another seed.
 - `test/real_unknown/`: {c['test_real_unknown']} real images, shuffled and renamed (`real_unknown_0001.png` ...):
   {c['test_used']} used and {c['test_not_used']} not used. The names reveal nothing.
-- `test_labels.csv`: `id,label` for `test/real_unknown` (1 = used for training). `groups.csv`: `id,group`, the
+- `test_labels.csv`: `id,label` for `test/real_unknown` ({label_text}). `groups.csv`: `id,group`, the
   pseudo-patient of every real image. `split.json`: the pool file behind every real image, the training set and
   the images left out. `generator/`: the trained generator (`fingerprint.zoo.load_generator`). `zoo.json`: family,
   settings, build settings, training history, timing and checks.
@@ -433,7 +440,7 @@ there; {c['duplicates_dropped']} exact duplicate(s) dropped), resized to
 {b['image_size']} x {b['image_size']} (bicubic). Without patient identifiers they were clustered into {c['pool_groups']}
 pseudo-patient groups (average-linkage clustering on normalised-correlation distance of 32 x 32 thumbnails, cut at
 correlation {b['group_threshold']}; a manifest's groups where every image had one). Whole groups were assigned to
-the training side (members) or the held-out side, and within each side to dev or test, so dev and test real images
+{sides_text}, so dev and test real images
 come from different groups. The grouping is approximate: two groups may still come from one patient.
 
 {training_text}
@@ -547,6 +554,7 @@ def build_suite(spec: str | Path, out: str | Path, *, pool: Sequence[str] | None
         except ConfigError as e:
             raise ConfigError([f"entry {entry.name}: {p}" for p in e.problems]) from e
     summary = [{"name": r["name"], "family": r["family"], "members": r["counts"]["members"],
+                **({"memorisation": r["memorisation"]} if "memorisation" in r else {}),
                 "fit_s": r["timing"]["fit_s"], "total_s": r["timing"]["total_s"], **r["checks"]} for r in records]
     write_text_atomic(out / "suite.json", json.dumps({"spec": str(spec), "reseed": reseed, "entries": summary},
                                                      indent=1) + "\n")
