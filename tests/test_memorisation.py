@@ -223,3 +223,29 @@ def test_evaluate_groups_problems_name_the_flag(sample_bench: Path, tmp_path: Pa
     # Dev ids of a benchmark match the plain stems that groups.csv holds.
     assert evaluate_cmd.groups_of(sample_bench / "groups.csv", ["dev/used_0001", "used_0001"])[0] == \
         evaluate_cmd.groups_of(sample_bench / "groups.csv", ["used_0001"])[0]
+
+
+def test_null_calibration_counts_false_alarms_on_null_splits(sample_bench, tmp_path):
+    """`fingerprint null-calibration`: null splits drawn as the zoo's null controls, a perfect memoriser of the
+    hidden training set as the score, and the share of splits the memorisation test rejects, with its interval."""
+    from fingerprint.commands import cli
+    from fingerprint.evaluation.null_calibration import NullCalibrationConfig, main, rejection_rates
+
+    real = sorted(p for d in ("dev/used", "dev/not_used", "test/real_unknown") for p in (sample_bench / d).glob("*"))
+    manifest = tmp_path / "pool.csv"  # 12 patients of 3 slices: enough groups for labelled, hidden and held-out sets
+    manifest.write_text("path,role,group\n" + "".join(f"{p},real_unknown,{i // 3}\n" for i, p in enumerate(real)))
+    out = tmp_path / "out"
+    result = main(NullCalibrationConfig(pool=str(manifest), out=str(out), members=6, splits=4, n_permutations=20))
+    rows = result["splits"]
+    assert [(r["seed"], r["side"]) for r in rows] == [(s, side) for s in range(300, 304) for side in ("dev", "test")]
+    assert all(0 < r["p"] <= 1 and 0 <= r["auc"] <= 1 and r["used"] > 0 and r["not_used"] > 0 for r in rows)
+    for rate in result["rates"]:
+        ps = np.array([r["p"] for r in rows if r["side"] == rate["side"]])
+        assert rate["rejected"] == int((ps <= rate["level"]).sum()) and rate["rate"] == rate["rejected"] / len(ps)
+        low, high = (float(v) for v in rate["ci"].strip("[]").split(","))
+        assert low <= rate["rate"] <= high
+    assert json.loads((out / "null_calibration.json").read_text())["rates"] == result["rates"]
+    assert "rejection rate" in (out / "null_calibration.md").read_text()
+    # Every split rejected: the interval is one-sided at the top.
+    assert rejection_rates([{"side": s, "p": 0.01} for s in ("dev", "test")] * 3)[0]["ci"].endswith("1.000]")
+    assert cli.main(["null-calibration", "--out", str(tmp_path / "x")]) == 2  # --pool missing, named, no traceback

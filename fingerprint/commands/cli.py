@@ -47,6 +47,7 @@ BUILTIN: dict[str, Callable[[], Command]] = {
     "benchmark": _lazy("fingerprint.evaluation.benchmark", "BenchmarkConfig"),
     "zoo": _lazy("fingerprint.commands.zoo", "ZooConfig"),
     "suite": _lazy("fingerprint.commands.suite", "SuiteConfig"),
+    "null-calibration": _lazy("fingerprint.evaluation.null_calibration", "NullCalibrationConfig"),
 }
 
 
