@@ -563,6 +563,11 @@ def choose(dev_auc: dict[str, dict[str, float]], on: Sequence[str], rule: str,
 # ----------------------------------------------------------------------------------------------- report
 
 
+def _flag_shares(decisions: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Shares of all images and of the non-members (label 0) that ``decisions`` flag."""
+    return float(decisions.mean()), int(((decisions == 1) & (y == 0)).sum()) / max(int((y == 0).sum()), 1)
+
+
 def held_out_metrics(bench: Bench, result: dict[str, Any], labels: dict[str, int], n_boot: int,
                  seed: int) -> dict[str, Any]:
     """Test AUC [group-bootstrap interval], and at the dev threshold F1, the share of test images flagged and the
@@ -584,11 +589,12 @@ def held_out_metrics(bench: Bench, result: dict[str, Any], labels: dict[str, int
     auc = boot["auc"]
     d = np.asarray(result["test"]["decisions"], dtype=np.int64)
     tp, fp, fn = int(((d == 1) & (y == 1)).sum()), int(((d == 1) & (y == 0)).sum()), int(((d == 0) & (y == 1)).sum())
-    dp = np.asarray(result["test"]["product_decisions"], dtype=np.int64)
+    flagged, accused = _flag_shares(d, y)
+    flagged_product, accused_product = _flag_shares(
+        np.asarray(result["test"]["product_decisions"], dtype=np.int64), y)
     return {"auc": list(auc), "tpr_at_1fpr": list(boot["tpr_at_1fpr"]), "f1": 2 * tp / max(2 * tp + fp + fn, 1),
-            "flagged": float(d.mean()), "false_accusations": fp / max(int((y == 0).sum()), 1),
-            "flagged_product": float(dp.mean()),
-            "false_accusations_product": int(((dp == 1) & (y == 0)).sum()) / max(int((y == 0).sum()), 1),
+            "flagged": flagged, "false_accusations": accused,
+            "flagged_product": flagged_product, "false_accusations_product": accused_product,
             "n": int(len(y)), "used": int(y.sum()),
             "groups": int(len(np.unique(groups))), "groups_from": source}
 
@@ -758,8 +764,7 @@ def conclusions(rep: dict[str, Any]) -> list[str]:
     out = [
         f"- Chosen on the other benchmarks ({rep['rule']} rule), the detector reached a mean test AUC of "
         f"{tst.mean():.3f} (range {tst.min():.3f}-{tst.max():.3f}) over {n} held-out benchmarks{where}, where its "
-        "dev-CV "
-        f"AUC on the same benchmarks averaged {dev.mean():.3f} (dev - test {np.mean(dev - tst):+.3f}; "
+        f"dev-CV AUC on the same benchmarks averaged {dev.mean():.3f} (dev - test {np.mean(dev - tst):+.3f}; "
         f"{_over(dev - tst)}).",
         f"- Its test AUC interval (whole pseudo-patient groups resampled) lies above 0.5 on {above} of {n} "
         "benchmarks; where it does not, this suite gives no evidence of membership signal for that benchmark.",
