@@ -67,6 +67,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from fingerprint.evaluation.thresholds import as_false_positives
+
 log = logging.getLogger(__name__)
 
 HISTORY_TAG = "fingerprint.alias_history."
@@ -162,6 +164,8 @@ def describe_detector(meta: dict[str, Any]) -> str:
         f"fingerprint detector '{name}' (kind {meta['kind']}, signal {meta.get('signal', 'per_image')})",
         f"settings: {json.dumps(meta.get('settings', {}), sort_keys=True)}",
         f"threshold: {float(meta.get('threshold', 0.0)):.6g} ({meta.get('threshold_method', '')})",
+        *([f"at fitting, {as_false_positives(meta['false_positives']).sentence()}"]
+          if meta.get("false_positives") else []),
         "validation: " + (", ".join(f"{k}={float(v):.4f}" for k, v in sorted(metrics.items())
                                     if isinstance(v, int | float)) or "none (nothing held out)"),
         f"split: {len(split.get('train', []))} training / {len(split.get('val', []))} validation images "

@@ -58,7 +58,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from fingerprint.config import ConfigError
+from fingerprint.config import ConfigError, to_dict
 from serve.config import ServeConfig, from_user_config
 from serve.model import InputError, ModelState, decode_image, item_id, load_state
 from serve.page import PAGE_HTML
@@ -540,6 +540,7 @@ class FingerprintService:
             "description": det.describe(), "settings": det.meta.settings,
             "metrics": _finite(det.meta.metrics), "threshold": state.threshold,
             "detector_threshold": det.threshold, "threshold_method": det.meta.threshold_method,
+            "false_positives": to_dict(det.meta.false_positives) if det.meta.false_positives else None,
             "signal": det.meta.signal, "created_at": det.meta.created_at,
             "source": info["source"], "run_id": info.get("run_id"), "arrays_sha256": info["arrays_sha256"],
             "loaded_at": info["loaded_at"], "load_seconds": info["load_seconds"],

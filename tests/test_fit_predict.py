@@ -31,6 +31,22 @@ def test_fit_saves_a_detector_with_validation_metrics_on_a_locked_split(fitted, 
     other = fit_cmd.main(fit_cmd.FitConfig(data=str(sample_bench), out=str(tmp_path / "pix"), preset="pixel_ncc"))
     assert other.meta.split == det.meta.split
     assert set(det.meta.split["train"]).isdisjoint(det.meta.split["val"])
+    # What the threshold did to the training not-used images is saved with it and loads back typed.
+    fp = load_detector(out).meta.false_positives
+    assert fp == det.meta.false_positives and meta["false_positives"]["bound"] == fp.bound >= fp.rate
+
+
+def test_fit_with_a_bounded_false_positive_rate_or_a_clear_refusal(sample_bench, tmp_path, capsys):
+    base = ["fit", "--data", str(sample_bench), "--preset", "pixel_l2", "--threshold-method", "fpr_bound"]
+    det = fit_cmd.main(fit_cmd.FitConfig(data=str(sample_bench), out=str(tmp_path / "a"), preset="pixel_l2",
+                                         threshold_method="fpr_bound", target_fpr=0.7))
+    assert det.meta.threshold_method == "fpr_bound" and det.meta.false_positives.bound <= 0.7
+    assert "with 95% confidence its false-positive rate" in capsys.readouterr().out
+    # The sample's few not-used patients cannot show 5%: the error says how many it would take, and nothing is saved.
+    assert cli.main([*base, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "--threshold-method fpr_bound" in err and "at least 59 groups" in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()
 
 
 def test_predict_and_evaluate_any_kind(fitted, sample_bench, tmp_path):

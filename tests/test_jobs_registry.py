@@ -68,6 +68,8 @@ def test_versions_of_two_kinds_download_as_detector_folders(store, detectors, tm
     assert mv.tags[registry.SPLIT_TAG] == registry.get_version("fp", v2).tags[registry.SPLIT_TAG] != ""
     assert registry.version_metrics(mv)["val_auc"] == pytest.approx(meta["metrics"]["val_auc"])
     assert "kind pixel" in mv.description and '"metric": "ncc"' in mv.description
+    fp = meta["false_positives"]
+    assert f"at fitting, it flagged {fp['flagged']} of {fp['not_used']} labelled not-used images" in mv.description
 
     registry.set_alias("fp", "champion", v2, reason="first", metrics={"val_auc": 0.5})
     got, folder = registry.download_detector("fp", "champion", tmp_path / "dl")

@@ -14,7 +14,7 @@ from browser import chromium, page  # noqa: F401
 from fingerprint.commands import cli
 from fingerprint.data.imagesets import load_fit_data
 from fingerprint.data.phantoms import make_sample_dataset
-from fingerprint.detectors import PRESETS, fit_detector
+from fingerprint.detectors import PRESETS, fit_detector, load_detector
 from fingerprint.io import read_labels
 from fingerprint.report import ReportInputs, assess, build_report, judge, write_report
 from fingerprint.report.verdict import pct_ci
@@ -161,6 +161,14 @@ def test_predict_without_labels_writes_no_report(predicted, tmp_path):
     html = (tmp_path / "p" / "report.html").read_text()
     assert "No labels: a verdict needs labelled members and non-members" in html
     assert "<h2>Per-image decisions (not findings)</h2>" in html
+    # Given the detector, the report says what its threshold did to the labelled not-used images it was fitted on.
+    assert cli.main(["report", "--scores", str(tmp_path / "p"), "--data", str(data), "--model", str(predicted["det"]),
+                     "--out", str(tmp_path / "m.html"), "--n-boot", "50"]) == 0
+    html = (tmp_path / "m.html").read_text()
+    fp = load_detector(predicted["det"]).meta.false_positives
+    assert (f"these images have no labels; when the detector was fitted, it flagged {fp.flagged} of {fp.not_used} "
+            "labelled not-used images") in html
+    assert f"at most {fp.bound:.1%}" in html
 
 
 def test_report_command_and_evaluate(predicted, capsys):

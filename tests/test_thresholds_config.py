@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from fingerprint.config import ConfigError, Range, ScoreConfig, TrainConfig, check_fields, validate
-from fingerprint.evaluation.thresholds import best_f1_threshold, threshold_at_fpr, threshold_max_f1
+from fingerprint.evaluation.thresholds import (
+    best_f1_threshold,
+    false_positives,
+    fpr_upper_bound,
+    groups_needed,
+    threshold_at_fpr,
+    threshold_at_fpr_bound,
+    threshold_max_f1,
+)
 
 
 def f1_at(y, s, t):
@@ -36,6 +44,50 @@ def test_fpr_threshold_keeps_the_false_positive_rate():
     s = rng.normal(size=250) + y
     t = threshold_at_fpr(y, s, 0.05)
     assert np.mean(s[y == 0] >= t) <= 0.05
+
+
+def test_the_false_positive_bound_is_scipys_clopper_pearson_and_counts_patients():
+    from scipy.stats import binomtest
+
+    for k, n in ((0, 10), (3, 40), (17, 120), (40, 40)):
+        want = binomtest(k, n, alternative="less").proportion_ci(0.95).high
+        assert float(fpr_upper_bound(k, n)) == pytest.approx(want)
+    # Zero flagged of n bounds the rate by 1 - 0.05^(1/n): 59 groups are the fewest that can show 5%.
+    assert groups_needed(0.05) == 59 and fpr_upper_bound(0, 59) <= 0.05 < fpr_upper_bound(0, 58)
+    # Eight not-used images, four patients of two slices; the threshold flags both slices of one patient.
+    y = np.r_[np.zeros(8, int), 1]
+    s = np.array([0.1, 0.2, 0.9, 0.95, 0.3, 0.4, 0.5, 0.6, 2.0])
+    g = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4])
+    fp = false_positives(y, s, 0.8, g)
+    assert (fp.not_used, fp.groups, fp.flagged, fp.flagged_groups, fp.rate) == (8, 4, 2, 1, 0.25)
+    assert fp.bound == pytest.approx(max(float(fpr_upper_bound(1, 4)), float(fpr_upper_bound(2, 8))))
+    # Without groups each image counts alone, so the same flags bound the rate lower: slices are not patients.
+    assert false_positives(y, s, 0.8).bound < fp.bound
+    assert "2 of 8 labelled not-used images" in fp.sentence() and "1 of 4 patients" in fp.sentence()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_bounded_threshold_is_the_lowest_cut_whose_bound_meets_the_target(seed):
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.zeros(400, int), np.ones(60, int)]
+    g = np.r_[np.arange(400) // 2, 1000 + np.arange(60)]
+    s = rng.normal(size=460) + 2 * y
+    s[1:400:2] = s[0:400:2] + rng.normal(0, 0.1, 200)  # two correlated slices per patient
+    t = threshold_at_fpr_bound(y, s, 0.05, g)
+    assert false_positives(y, s, t, g).bound <= 0.05
+    # Brute force over every cut: none lower keeps the bound, and the observed-rate rule sits lower still.
+    lower = [c for c in np.sort(s[y == 0]) if c < t]
+    assert all(false_positives(y, s, c, g).bound > 0.05 for c in lower)
+    assert threshold_at_fpr(y, s, 0.05) < t
+
+
+def test_the_bounded_threshold_refuses_too_few_patients_and_says_how_many():
+    y = np.r_[np.zeros(80, int), np.ones(10, int)]
+    s = np.arange(90, dtype=float)
+    with pytest.raises(ValueError, match=r"fpr_bound: 80 labelled not-used images in 40 pseudo-patient groups.*"
+                                         r"at least 59 groups.*--target-fpr"):
+        threshold_at_fpr_bound(y, s, 0.05, np.r_[np.arange(80) // 2, 100 + np.arange(10)])
+    assert threshold_at_fpr_bound(y, s, 0.05) > s[y == 0].max()  # 80 single images: flag none of them
 
 
 @dataclass
@@ -79,3 +131,7 @@ def test_the_product_flags_at_a_set_false_accusation_rate_by_default(sample_benc
         # 'fpr' its real-to-real calibration is not used).
         assert det.decide(s)[y == 0].mean() <= 0.05
         assert det.threshold == pytest.approx(threshold_at_fpr(y, s.score, 0.05))
+        # Every fitted detector records what its threshold did to those images, and the bound that shows.
+        fp = det.meta.false_positives
+        want = false_positives(y, s.score, det.threshold, data.groups[data.train])
+        assert fp == want and fp.rate <= 0.05 <= fp.bound

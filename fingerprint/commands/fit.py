@@ -92,4 +92,6 @@ def main(config: FitConfig) -> Detector:
     shown = ", ".join(f"{k}={v:.4f}" for k, v in det.meta.metrics.items()
                       if k in ("val_auc", "val_f1", "val_tpr_at_1fpr"))
     print(f"{det.name} ({det.kind}): threshold {det.threshold:.4f}; {shown or 'no validation split'}; saved {out}")
+    if det.meta.false_positives is not None:
+        print(f"At fitting, {det.meta.false_positives.sentence()}.")
     return det

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from PIL import Image
@@ -33,6 +33,9 @@ from PIL import Image
 from fingerprint.config import ConfigError, check_fields, field_docs, from_dict, to_dict
 from fingerprint.data.thumbnails import Thumbnails, load_thumbnails, make_thumbnails, save_thumbnails
 from fingerprint.io import atomic_dir, jsonable
+
+if TYPE_CHECKING:
+    from fingerprint.evaluation.thresholds import FalsePositives
 
 __all__ = [
     "SCHEMA_VERSION", "Detector", "DetectorMeta", "FitData", "Scores", "register", "kinds", "kind",
@@ -135,8 +138,12 @@ class DetectorMeta:
     threshold: float = 0.0
     """Decision threshold: decide 'used' when score >= threshold."""
     threshold_method: str = "fpr"
-    """How the threshold was set: 'fpr' (at most a target share of the training not-used images flagged) or
-    'max_f1'."""
+    """How the threshold was set: 'fpr' (at most a target share of the training not-used images flagged),
+    'fpr_bound' (the same share as an upper confidence bound) or 'max_f1'."""
+    false_positives: FalsePositives | None = None
+    """What the threshold did to the training not-used images, with a confidence bound on the false-positive
+    rate of new ones (None in detectors saved before it was recorded). For kinds that learn from labels those
+    images' scores are in-sample, so the bound is optimistic; the validation metrics check it."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Validation metrics (val_auc, val_f1, ...) on the held-out split; empty without one."""
     split: dict[str, list[str]] = field(default_factory=dict)
@@ -259,9 +266,11 @@ class Detector:
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
 
-    def choose_threshold(self, labels: np.ndarray, scores: Scores, method: str, target_fpr: float) -> float:
-        """Threshold from labelled scores; kinds with their own calibration override this."""
-        return threshold_for(labels, scores.score, method, target_fpr)
+    def choose_threshold(self, labels: np.ndarray, scores: Scores, method: str, target_fpr: float,
+                         groups: np.ndarray | None = None) -> float:
+        """Threshold from labelled scores (``groups``: their pseudo-patients); kinds with their own calibration
+        override this."""
+        return threshold_for(labels, scores.score, method, target_fpr, groups)
 
     def describe(self) -> str:
         """One line for tables and reports."""
@@ -333,6 +342,10 @@ def load_detector(path: str | Path) -> Detector:
     if "kind" not in raw:
         raise ValueError(f"{path}/{META_FILE}: no 'kind'; this is not a detector's metadata")
     meta = from_dict(DetectorMeta, raw)
+    if meta.false_positives is not None:
+        from fingerprint.evaluation.thresholds import as_false_positives
+
+        meta.false_positives = as_false_positives(meta.false_positives)
     # A detector runs where it is loaded: the device it was fitted on may not exist here.
     settings = {**meta.settings, "device": "auto"} if "device" in meta.settings else meta.settings
     det = create_detector(meta.kind, settings)
@@ -354,14 +367,16 @@ THRESHOLD_METHOD, TARGET_FPR = "fpr", 0.05
 
 
 def threshold_for(labels: np.ndarray, scores: np.ndarray, method: str = THRESHOLD_METHOD,
-                  target_fpr: float = TARGET_FPR) -> float:
-    from fingerprint.evaluation.thresholds import threshold_at_fpr, threshold_max_f1
+                  target_fpr: float = TARGET_FPR, groups: np.ndarray | None = None) -> float:
+    from fingerprint.evaluation.thresholds import threshold_at_fpr, threshold_at_fpr_bound, threshold_max_f1
 
     if method == "fpr":
         return threshold_at_fpr(labels, scores, target_fpr)
+    if method == "fpr_bound":
+        return threshold_at_fpr_bound(labels, scores, target_fpr, groups)
     if method == "max_f1":
         return threshold_max_f1(labels, scores)
-    raise ValueError(f"--threshold-method: {method!r} is not one of max_f1, fpr")
+    raise ValueError(f"--threshold-method: {method!r} is not one of max_f1, fpr, fpr_bound")
 
 
 def fit_detector(name: str, settings: Any, data: FitData, *, threshold_method: str = THRESHOLD_METHOD,
@@ -380,15 +395,18 @@ def finish_fit(det: Detector, data: FitData, *, threshold_method: str = THRESHOL
     ``use_network`` and ``index``).
     """
     from fingerprint.evaluation.metrics import all_metrics
+    from fingerprint.evaluation.thresholds import false_positives
 
     rows = np.concatenate([data.train, data.val])
     scores = det.score([data.real[i] for i in rows], [data.real_ids[i] for i in rows])
     y_train = data.labels[data.train]
     if len(np.unique(y_train)) < 2:
         raise ValueError(f"{det.kind}: the training images need both used and not-used labels to set a threshold")
+    s_train, g_train = scores.score[: len(data.train)], data.groups[data.train]
     det.meta.threshold = float(det.choose_threshold(y_train, scores.take(np.arange(len(data.train))),
-                                                    threshold_method, target_fpr))
+                                                    threshold_method, target_fpr, g_train))
     det.meta.threshold_method = threshold_method
+    det.meta.false_positives = false_positives(y_train, s_train, det.meta.threshold, g_train)
     det.meta.split = data.split
     det.meta.metrics = {}
     if len(data.val):

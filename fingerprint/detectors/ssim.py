@@ -72,9 +72,10 @@ class SSIMNN(Detector):
         s = topk_mean(sims)
         return Scores(s, idx, sims, generated_similarity=s)
 
-    def choose_threshold(self, labels: np.ndarray, scores: Scores, method: str, target_fpr: float) -> float:
+    def choose_threshold(self, labels: np.ndarray, scores: Scores, method: str, target_fpr: float,
+                         groups: np.ndarray | None = None) -> float:
         if method != "max_f1":
-            return super().choose_threshold(labels, scores, method, target_fpr)
+            return super().choose_threshold(labels, scores, method, target_fpr, groups)
         qs = np.linspace(0.02, 0.98, self.settings.quantiles)
         cands = np.array([threshold_real_to_real(self.real_to_real, q) for q in qs])
         return best_f1_threshold(labels, scores.score, cands)

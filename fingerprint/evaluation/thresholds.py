@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 
@@ -61,3 +65,117 @@ def threshold_real_to_real(reference_scores: np.ndarray, quantile: float) -> flo
     if ref.size == 0:
         raise ValueError("real-to-real calibration needs reference scores from at least one real image")
     return float(np.quantile(ref, quantile))
+
+
+FPR_CONFIDENCE = 0.95
+"""Confidence of the false-positive bounds stored with every fitted detector."""
+
+
+@dataclass
+class FalsePositives:
+    """How often a threshold flagged labelled not-used images, and what that shows about new ones."""
+
+    not_used: int
+    """Labelled not-used images the threshold was checked on."""
+    groups: int
+    """Their pseudo-patient groups."""
+    flagged: int
+    """Not-used images scoring at or above the threshold."""
+    flagged_groups: int
+    """Groups with at least one flagged image."""
+    rate: float
+    """flagged / not_used: the observed false-positive rate."""
+    bound: float
+    """One-sided upper confidence bound on the false-positive rate for new not-used images drawn like these. It
+    counts groups, not images (a group is flagged when any of its images is), because neighbouring slices of one
+    patient are not independent evidence; an image-level bound would promise too much."""
+    confidence: float = FPR_CONFIDENCE
+    """Confidence level of ``bound``."""
+
+    def sentence(self) -> str:
+        return (f"it flagged {self.flagged} of {self.not_used} labelled not-used images ({self.rate:.1%}; "
+                f"{self.flagged_groups} of {self.groups} patients), so with {self.confidence:.0%} confidence its "
+                f"false-positive rate on new not-used images like those is at most {self.bound:.1%}")
+
+
+def as_false_positives(value: FalsePositives | Mapping[str, Any]) -> FalsePositives:
+    """A :class:`FalsePositives` from itself or from its JSON form (meta.json, a registry tag, an API reply)."""
+    from fingerprint.config import from_dict
+
+    return value if isinstance(value, FalsePositives) else from_dict(FalsePositives, dict(value))
+
+
+def fpr_upper_bound(flagged: int | np.ndarray, total: int, confidence: float = FPR_CONFIDENCE) -> np.ndarray:
+    """One-sided Clopper-Pearson upper bound on a rate with ``flagged`` of ``total`` (1.0 when all are flagged).
+
+    The Beta quantile scipy's ``binomtest(alternative='less').proportion_ci`` computes, vectorised over
+    ``flagged`` because the bounded threshold scans every count.
+    """
+    from scipy.stats import beta
+
+    k = np.asarray(flagged, dtype=np.float64)
+    return np.where(k >= total, 1.0, beta.ppf(confidence, k + 1, np.maximum(total - k, 1)))
+
+
+def _group_maxima(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """Per not-used group, its highest score (each image its own group when ``groups`` is None)."""
+    neg = labels == 0
+    s = scores[neg]
+    if groups is None:
+        return s
+    g = np.asarray(groups)
+    if g.shape != labels.shape:
+        raise ValueError(f"groups {g.shape} must match labels {labels.shape}")
+    _, inv = np.unique(g[neg], return_inverse=True)
+    out = np.full(inv.max() + 1, -np.inf)
+    np.maximum.at(out, inv, s)
+    return out
+
+
+def _bound(flagged: np.ndarray, n: int, flagged_groups: np.ndarray, g: int, confidence: float) -> np.ndarray:
+    # Counting groups guards against correlated slices; counting images guards against one large flagged group
+    # (a random new image is more likely to come from a large group). The larger bound covers both.
+    return np.maximum(fpr_upper_bound(flagged_groups, g, confidence), fpr_upper_bound(flagged, n, confidence))
+
+
+def false_positives(labels: np.ndarray, scores: np.ndarray, threshold: float, groups: np.ndarray | None = None,
+                    confidence: float = FPR_CONFIDENCE) -> FalsePositives:
+    """What ``threshold`` (decision: score >= threshold) does to the labelled not-used images, with its bound."""
+    labels, scores = _check(labels, scores)
+    gmax = _group_maxima(labels, scores, groups)
+    flagged, fg = int((scores[labels == 0] >= threshold).sum()), int((gmax >= threshold).sum())
+    n = int((labels == 0).sum())
+    return FalsePositives(not_used=n, groups=len(gmax), flagged=flagged, flagged_groups=fg, rate=flagged / n,
+                          bound=float(_bound(np.array(flagged), n, np.array(fg), len(gmax), confidence)),
+                          confidence=confidence)
+
+
+def groups_needed(target_fpr: float, confidence: float = FPR_CONFIDENCE) -> int:
+    """Fewest not-used groups that can bound the false-positive rate by ``target_fpr`` (none of them flagged)."""
+    # Zero flagged of n bounds the rate by 1 - (1 - confidence)^(1/n).
+    return int(np.ceil(np.log(1 - confidence) / np.log(1 - target_fpr) - 1e-9))
+
+
+def threshold_at_fpr_bound(labels: np.ndarray, scores: np.ndarray, target_fpr: float,
+                           groups: np.ndarray | None = None, confidence: float = FPR_CONFIDENCE) -> float:
+    """The lowest threshold whose upper confidence bound on the false-positive rate is at most ``target_fpr``.
+
+    Stricter than :func:`threshold_at_fpr`, which sets the observed rate: a small set of not-used images
+    cannot show that a rate is low, so this refuses (``ValueError``) when even flagging none would not.
+    """
+    labels, scores = _check(labels, scores)
+    neg = np.sort(scores[labels == 0])
+    gmax = np.sort(_group_maxima(labels, scores, groups))
+    # Candidates: just above each not-used score, highest first (the first flags none).
+    cuts = np.nextafter(np.unique(neg)[::-1], np.inf)
+    flagged = neg.size - np.searchsorted(neg, cuts, side="left")
+    flagged_groups = gmax.size - np.searchsorted(gmax, cuts, side="left")
+    ok = _bound(flagged, neg.size, flagged_groups, gmax.size, confidence) <= target_fpr
+    if not ok[0]:
+        raise ValueError(
+            f"--threshold-method fpr_bound: {neg.size} labelled not-used images in {gmax.size} pseudo-patient "
+            f"groups cannot show a false-positive rate of at most {target_fpr:.0%} with {confidence:.0%} "
+            f"confidence even if none is flagged; that needs at least {groups_needed(target_fpr, confidence)} "
+            "groups. Label more not-used images, raise --target-fpr, or use --threshold-method fpr (which sets "
+            "the observed rate only)")
+    return float(cuts[int(np.flatnonzero(ok).max())])  # valid cuts are a prefix: the bound falls as t rises

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -236,8 +237,10 @@ def detector_info(model: Any = None, rows: Sequence[Mapping[str, Any]] = ()) -> 
         folder = resolve_detector(model)
         m = from_dict(DetectorMeta, json.loads((folder / META_FILE).read_text()))
         where = {"path": str(folder)}
+    fp = m.false_positives
     return {"name": m.name, **where, "kind": m.kind, "signal": m.signal, "threshold": m.threshold,
             "threshold_method": m.threshold_method, "settings": m.settings, "metrics": m.metrics,
+            "false_positives": dataclasses.asdict(fp) if dataclasses.is_dataclass(fp) else fp,
             "created_at": m.created_at}
 
 

@@ -289,7 +289,7 @@ def build_report(inputs: ReportInputs) -> str:
     figs = "".join(f'<figure class="plot"><img src="{uri}" alt="{esc(cap)}"><figcaption>{esc(cap)}</figcaption>'
                    f"</figure>" for cap, uri in figures(inputs))
     how = inputs.threshold_note or det.get("threshold_method", "")
-    threshold = vd.threshold_sentence(inputs.threshold, ev, how)
+    threshold = vd.threshold_sentence(inputs.threshold, ev, how, det.get("false_positives"))
     label_col = "<th data-sort=label data-type=num>label</th>" if inputs.labels is not None else ""
     group_col = "<th data-sort=group data-type=text>patient</th>" if inputs.groups is not None else ""
     label_filter = ("<label>label <select id=f-label><option value=all>all</option><option value=1>used</option>"
@@ -332,8 +332,9 @@ def build_report(inputs: ReportInputs) -> str:
         provenance=_kv_table([
             ("command", prov.get("command")),
             ("detector", _json_block({k: det.get(k) for k in ("name", "kind", "signal", "threshold",
-                                                              "threshold_method", "settings", "metrics",
-                                                              "created_at") if det.get(k) not in (None, "")})),
+                                                              "threshold_method", "false_positives",
+                                                              "settings", "metrics", "created_at")
+                                       if det.get(k) not in (None, "")})),
             ("registry", _json_block(registry) if registry else None),
             ("data hashes", _json_block(prov.get("data")) if prov.get("data") else None),
             ("configuration", _json_block(prov.get("config")) if prov.get("config") else None),

@@ -16,6 +16,7 @@ come from any difference between the training patients and the others, so it is 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -178,8 +179,10 @@ def judge(evidence: Evidence | None, signal: str = "per_image", n_scored: int = 
         details=details, findings=True)
 
 
-def threshold_sentence(threshold: float | None, evidence: Evidence | None, how: str = "") -> str:
-    """What the decision threshold means: the share of non-members (and members) it flags, with intervals."""
+def threshold_sentence(threshold: float | None, evidence: Evidence | None, how: str = "",
+                       fitted: Mapping[str, Any] | None = None) -> str:
+    """What the decision threshold means: the share of non-members (and members) it flags, with intervals;
+    without labels, what it did to the detector's training not-used images (``fitted``: its false_positives)."""
     if threshold is None:
         head = "Decisions out of fold, from thresholds fitted on the training folds"
     else:
@@ -187,6 +190,11 @@ def threshold_sentence(threshold: float | None, evidence: Evidence | None, how: 
     if how:
         head += f" ({how})"
     if evidence is None:
+        if fitted and threshold is not None:
+            from fingerprint.evaluation.thresholds import as_false_positives
+
+            return (f"{head}: these images have no labels; when the detector was fitted, "
+                    f"{as_false_positives(fitted).sentence()}.")
         return head + ": its false-positive rate is unknown without labels."
     fpr = evidence.false_positive_rate
     rec = evidence.metrics["recall"]
