@@ -246,6 +246,14 @@ def test_null_calibration_counts_false_alarms_on_null_splits(sample_bench, tmp_p
         assert low <= rate["rate"] <= high
     assert json.loads((out / "null_calibration.json").read_text())["rates"] == result["rates"]
     assert "rejection rate" in (out / "null_calibration.md").read_text()
+    # The false-positive bound: set on the dev side, checked against the share of test images flagged.
+    bounds = result["bounds"]
+    assert [b["seed"] for b in bounds] == list(range(300, 304))
+    assert all(b["bound"] >= b["bound_images"] >= b["dev_rate"] and 0 <= b["test_rate"] <= 1 for b in bounds)
+    held = {c["limit"]: c["held"] for c in result["bound_coverage"]}
+    assert held["recorded bound (patients and images)"] == sum(b["test_rate"] <= b["bound"] for b in bounds)
+    assert held["bound counting images only"] <= held["recorded bound (patients and images)"]
+    assert "The false-positive bound" in (out / "null_calibration.md").read_text()
     # Every split rejected: the interval is one-sided at the top.
     assert rejection_rates([{"side": s, "p": 0.01} for s in ("dev", "test")] * 3)[0]["ci"].endswith("1.000]")
     assert cli.main(["null-calibration", "--out", str(tmp_path / "x")]) == 2  # --pool missing, named, no traceback
