@@ -71,14 +71,14 @@ def null_calibration(pool: Any, members: int, seeds: list[int],
     from fingerprint.detectors.base import TARGET_FPR, THRESHOLD_METHOD, threshold_for
     from fingerprint.evaluation.thresholds import false_positives
     from fingerprint.knn import Gallery
-    from fingerprint.zoo.build import BuildSettings, _seeds, split_groups
+    from fingerprint.zoo.build import BuildSettings, split_groups, stage_seeds
 
     x = pool.pixels.reshape(len(pool.pixels), -1).astype(np.float32) / 255.0
     rows, bounds = [], []
     for seed in seeds:
         scored = {}
         parts = split_groups(pool.groups, BuildSettings(members=members, null_control=True, seed=seed),
-                             _seeds(seed)["split"])
+                             stage_seeds(seed)["split"])
         gallery = Gallery(x[parts["trained"]], "l2")
         for side in SIDES:
             idx = np.r_[parts[f"{side}_used"], parts[f"{side}_not_used"]]

@@ -245,7 +245,9 @@ def split_groups(groups: np.ndarray, build: BuildSettings, seed: int) -> dict[st
 # --------------------------------------------------------------------------------------------------- build
 
 
-def _seeds(seed: int) -> dict[str, int]:
+def stage_seeds(seed: int) -> dict[str, int]:
+    """Independent seeds for a build's stages (split, train, dev, test, shuffle) from its one seed: a null split
+    drawn elsewhere (`fingerprint null-calibration`) with the same seed is the zoo's."""
     names = ("split", "train", "dev", "test", "shuffle")
     kids = np.random.SeedSequence(int(seed) % 2**63).spawn(len(names))
     return {k: int(s.generate_state(1)[0]) for k, s in zip(names, kids, strict=True)}
@@ -285,7 +287,7 @@ def build_benchmark(out: str | Path, pool: Sequence[str | Path] | PoolImages, fa
     if problems:
         raise ConfigError(problems)
     gen = create_generator(family_name, settings or {})  # ConfigError naming --family / --settings
-    seeds = _seeds(build.seed)
+    seeds = stage_seeds(build.seed)
     if not isinstance(pool, PoolImages):
         pool = load_pool([str(p) for p in pool], build.image_size, build.group_threshold)
     elif pool.pixels.shape[1] != build.image_size:
