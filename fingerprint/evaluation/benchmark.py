@@ -593,16 +593,23 @@ def threshold_text(method: str, target_fpr: float, ssim: bool = True) -> str:
     return f"flagging at most {target_fpr:.0%} of the not-used images"
 
 
-def decisions_text(config: BenchmarkConfig, run: Run, y: np.ndarray, flagged_test: tuple[int, int] | None) -> str:
+def decisions_text(config: BenchmarkConfig, run: Run, y: np.ndarray, flagged_test: tuple[int, int] | None,
+                   groups: np.ndarray | None = None) -> str:
     """What the submitted detector's threshold does to the dev images out of fold (first repeat): how many
-    innocent (not-used) images it flags, and how many used ones; and how many test images submission.csv flags."""
+    innocent (not-used) images it flags, with the upper bound that shows on the false-positive rate of new ones,
+    and how many used ones; and how many test images submission.csv flags."""
+    from fingerprint.evaluation.thresholds import false_positives
+
     dec = run.decisions[0]
     neg, pos = y == 0, y == 1
     fp, tp = int(dec[neg].sum()), int(dec[pos].sum())
+    bound = false_positives(y, dec.astype(np.float64), 0.5, groups)  # decisions are 0/1 scores: flagged >= 0.5
     rule = threshold_text(config.threshold_method, config.target_fpr, ssim=run.detector.kind == "ssim")
     text = (f"Decisions of `{run.detector.name}` (threshold on the training folds: {rule}): out of fold, first "
             f"repeat, they flag {fp} of {int(neg.sum())} dev not-used images ({fp / max(neg.sum(), 1):.0%}, "
-            f"wrongly accused) and {tp} of {int(pos.sum())} used ones ({tp / max(pos.sum(), 1):.0%}).")
+            f"wrongly accused; in {bound.flagged_groups} of {bound.groups} patients, so with "
+            f"{bound.confidence:.0%} confidence at most {bound.bound:.0%} of new not-used images like them) and "
+            f"{tp} of {int(pos.sum())} used ones ({tp / max(pos.sum(), 1):.0%}).")
     if flagged_test is not None:
         text += f" `submission.csv` flags {flagged_test[0]} of {flagged_test[1]} test images."
     if config.threshold_method == "max_f1" and fp > FLAG_WARNING * neg.sum():
@@ -647,7 +654,7 @@ def _markdown(config: BenchmarkConfig, data: FitData, runs: list[Run], g: dict[s
         lines += [f"**{warning}**", ""]
     submit_run = next((r for r in runs if r.detector.name == submit), None)
     if submit_run is not None:
-        lines += [decisions_text(config, submit_run, data.labels[lab], flagged_test), ""]
+        lines += [decisions_text(config, submit_run, data.labels[lab], flagged_test, data.groups[lab]), ""]
     if g:
         lines.append("Goals (issue #6, section 4):")
         if "best" in g and "best_baseline" in g:
