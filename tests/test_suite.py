@@ -118,6 +118,9 @@ def test_outputs_and_leave_one_out(first) -> None:
         assert r["test_false_accusations_product"] == pytest.approx(product[y == 0].mean())
         assert np.array_equal(product, np.asarray(cached["scores"]) >= cached["product_threshold"])
         assert 0 <= cached["product_dev_not_used_flagged"] <= 0.05
+        bound = cached["product_false_positives"]
+        assert bound["rate"] == cached["product_dev_not_used_flagged"] <= bound["bound"] == r["dev_fpr_bound_product"]
+        assert f"{r['test_false_accusations_product']:.0%} (bound {bound['bound']:.0%})" in md
         if r["dev_memorisation_p"] > 0.05:
             assert f"(detectable AUC {r['dev_memorisation_detectable_auc']:.2f})" in md
         mine = {g["goal"]: g for g in goals if g["benchmark"] == r["benchmark"]}
