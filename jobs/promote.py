@@ -1,6 +1,7 @@
 """`fingerprint promote`: move the `champion` alias to the challenger only when it is better on the same split.
 
     fingerprint promote --model fingerprint-sample --metric val_auc --min-improvement 0.01 --require val_f1
+    fingerprint promote --model fingerprint-sample --max-fpr-bound 0.1   # never a champion that may accuse more
     fingerprint promote --model fingerprint-sample --dry-run      # print the decision, change nothing
     fingerprint promote --model fingerprint-sample --history      # every recorded alias change
 
@@ -8,7 +9,8 @@ Versions may hold detectors of any kind (pixel, gradient, triplet, ...): they ar
 metrics recorded at registration, and every decision names the kinds it compared.
 
 Rules, in order: the candidate (alias `challenger` unless --candidate names another alias or a version number)
-must exist and carry --metric and every --require metric; with no champion yet it becomes champion; otherwise both
+must exist and carry --metric and every --require metric, and, with --max-fpr-bound below 1, a recorded
+false-positive bound no higher than it; with no champion yet it becomes champion; otherwise both
 versions must have been validated on the same locked split (hash of the validation ids recorded at registration),
 and the candidate must beat the champion's --metric by more than zero and by at least --min-improvement. A
 refusal prints which rule failed and the numbers behind it. Aliases only: registry stages are deprecated.
@@ -31,10 +33,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from fingerprint.commands.cli import Command
-from fingerprint.config import flag, validate
+from fingerprint.config import Range, check_fields, flag, validate
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,16 @@ class PromoteConfig:
     """MLflow tracking URI holding the registry (relative sqlite paths are relative to this folder)."""
     lock_timeout: float = 30.0
     """Seconds to wait for another promotion of the same model to finish before refusing."""
+    max_fpr_bound: Annotated[float, Range(0, 1, lo_open=True)] = 1.0
+    """Refuse a candidate whose threshold may wrongly flag more than this share of not-used images: the 95% upper
+    bound recorded at fitting (tag fpr_bound). 1 = no limit. Below 1, a version registered without a bound is
+    refused."""
 
     def required(self) -> list[str]:
         return [m.strip() for m in self.require.split(",") if m.strip()]
 
     def problems(self) -> list[str]:
-        out = []
+        out = check_fields(self)
         if not self.model:
             out.append(f"{flag('model')}: required, the registered model name")
         if not self.metric:
@@ -138,6 +144,15 @@ def decide(config: PromoteConfig) -> Decision:
         return Decision(False, f"refused: {label(cand)} lacks required metric(s) {missing} (it has "
                                f"{sorted(cm) or 'none'}); was it trained with validation (--val-fraction > 0)?",
                         cand.version, champ.version if champ else None, numbers)
+    if config.max_fpr_bound < 1:
+        bound = registry.version_fpr_bound(cand)
+        numbers["candidate_fpr_bound"] = bound
+        if bound is None or bound > config.max_fpr_bound:
+            why = ("records no false-positive bound (registered before it was recorded: refit and register it)"
+                   if bound is None else f"may wrongly flag up to {bound:.1%} of not-used images (95% bound at "
+                   "fitting): label more not-used patients or use a stricter --threshold-method")
+            return Decision(False, f"refused: {label(cand)} {why}; --max-fpr-bound is {config.max_fpr_bound:.1%}",
+                            cand.version, champ.version if champ else None, numbers)
     if champ is None:
         return Decision(True, f"no '{config.champion}' yet: {label(cand)} becomes the first champion "
                               f"({config.metric}={cm[config.metric]:.4f})", cand.version, None, numbers)

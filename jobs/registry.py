@@ -83,6 +83,9 @@ LOCK_SETTLE_S = 0.25
 METRIC_TAG = "metric."
 """Prefix of the model-version tags that copy the detector's validation metrics (so promotion needs no run lookups)."""
 SPLIT_TAG = "split_sha256"
+FPR_BOUND_TAG = "fpr_bound"
+"""Version tag: the 95% upper bound on the false-positive rate its threshold showed at fitting (meta.json's
+false_positives.bound); absent for detectors saved before it was recorded."""
 """Model-version tag: hash of the validation ids, so promotion compares versions on the same locked split."""
 DETECTOR_ARTIFACT = "detector"
 """Name of the pyfunc artifact that holds the detector folder."""
@@ -184,8 +187,8 @@ def log_detector(
 ) -> ModelVersion:
     """Log a saved detector (any kind) as an MLflow pyfunc model in the active run and register a new version.
 
-    The version gets tags `kind`, `detector`, `threshold`, `split_sha256`, `metric.<name>` (its validation
-    metrics) and `tags`, and a description; the metrics are attached to the logged model as well.
+    The version gets tags `kind`, `detector`, `threshold`, `fpr_bound`, `split_sha256`, `metric.<name>` (its
+    validation metrics) and `tags`, and a description; the metrics are attached to the logged model as well.
     """
     import fingerprint
     import jobs.pyfunc
@@ -220,6 +223,7 @@ def log_detector(
         SPLIT_TAG: split_digest(meta.get("split")),
         "threshold": repr(float(meta.get("threshold", 0.0))),
         "signal": str(meta.get("signal", "")),
+        **({FPR_BOUND_TAG: repr(float(meta["false_positives"]["bound"]))} if meta.get("false_positives") else {}),
         **{f"{METRIC_TAG}{k}": repr(v) for k, v in metrics.items()},
         **(tags or {}),
     }
@@ -256,6 +260,14 @@ def version_metrics(mv: ModelVersion) -> dict[str, float]:
             except ValueError:
                 continue
     return out
+
+
+def version_fpr_bound(mv: ModelVersion) -> float | None:
+    """The false-positive bound recorded on a version's tags (None when it has none)."""
+    try:
+        return float((mv.tags or {})[FPR_BOUND_TAG])
+    except (KeyError, ValueError):
+        return None
 
 
 def get_alias(registered_model: str, alias: str) -> ModelVersion | None:

@@ -151,6 +151,30 @@ def test_promotion_rules_and_history(store, detectors, tmp_path, capsys):
     assert printed.count("| champion ") == 2 and printed.count("| challenger ") == 3
 
 
+def test_promotion_can_require_a_low_false_positive_bound(store, detectors, tmp_path):
+    pixel = detectors["pixel_ncc"]
+    bound = load_detector(pixel).meta.false_positives.bound
+    v1 = register(pixel)
+    assert registry.version_fpr_bound(registry.get_version("fp", v1)) == pytest.approx(bound)
+    registry.set_alias("fp", "challenger", v1, reason="test", metrics={})
+    cfg = dict(model="fp", metric="val_auc", tracking_uri=store)
+    # Below the recorded bound: refused with the number, nothing moves; at it: promoted.
+    d = promote.main(promote.PromoteConfig(**cfg, max_fpr_bound=bound * 0.99))
+    assert not d.promote and f"up to {bound:.1%}" in d.reason and "--max-fpr-bound" in d.reason
+    assert d.metrics["candidate_fpr_bound"] == pytest.approx(bound) and registry.get_alias("fp", "champion") is None
+    assert promote.main(promote.PromoteConfig(**cfg, max_fpr_bound=bound)).applied
+    # A version registered without a bound (saved before it was recorded) is refused when a limit is set.
+    old = variant(pixel, tmp_path / "old", metrics={"val_auc": 0.99})
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["false_positives"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    v2 = register(old)
+    d = promote.main(promote.PromoteConfig(**cfg, candidate=v2, max_fpr_bound=0.5))
+    assert not d.promote and "records no false-positive bound" in d.reason
+    d = promote.main(promote.PromoteConfig(**cfg, candidate=v2))  # no limit: the metric rules alone decide
+    assert "val_auc 0.9900" in d.reason and "false-positive" not in d.reason
+
+
 def test_moving_an_alias_to_a_missing_version_keeps_the_champion(store, detectors):
     v1 = register(detectors["pixel_ncc"])
     registry.set_alias("fp", "champion", v1, reason="first", metrics={})
@@ -162,9 +186,10 @@ def test_moving_an_alias_to_a_missing_version_keeps_the_champion(store, detector
 
 def test_promote_config_names_flags():
     with pytest.raises(ConfigError) as e:
-        promote.main(promote.PromoteConfig(model="", min_improvement=-1, candidate="champion"))
+        promote.main(promote.PromoteConfig(model="", min_improvement=-1, candidate="champion", max_fpr_bound=0))
     text = str(e.value)
     assert "--model" in text and "--min-improvement" in text and "--candidate" in text
+    assert "--max-fpr-bound: must be in (0, 1] (got 0)" in text
 
 
 def test_history_keys_never_collide_and_old_numbered_keys_come_first(store, detectors):
