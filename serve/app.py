@@ -540,7 +540,8 @@ class FingerprintService:
             "description": det.describe(), "settings": det.meta.settings,
             "metrics": _finite(det.meta.metrics), "threshold": state.threshold,
             "detector_threshold": det.threshold, "threshold_method": det.meta.threshold_method,
-            "false_positives": to_dict(det.meta.false_positives) if det.meta.false_positives else None,
+            # At the detector's own threshold; a user_config threshold is not covered by it.
+            "detector_false_positives": to_dict(det.meta.false_positives) if det.meta.false_positives else None,
             "signal": det.meta.signal, "created_at": det.meta.created_at,
             "source": info["source"], "run_id": info.get("run_id"), "arrays_sha256": info["arrays_sha256"],
             "loaded_at": info["loaded_at"], "load_seconds": info["load_seconds"],
