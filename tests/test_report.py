@@ -169,6 +169,11 @@ def test_predict_without_labels_writes_no_report(predicted, tmp_path):
     assert (f"these images have no labels; when the detector was fitted, it flagged {fp.flagged} of {fp.not_used} "
             "labelled not-used images") in html
     assert f"at most {fp.bound:.1%}" in html
+    # Another threshold than the detector's: its record does not cover it, so the report does not claim it.
+    assert cli.main(["report", "--scores", str(tmp_path / "p"), "--data", str(data), "--model", str(predicted["det"]),
+                     "--threshold", "0.5", "--out", str(tmp_path / "t.html"), "--n-boot", "50"]) == 0
+    html = (tmp_path / "t.html").read_text()
+    assert "when the detector was fitted" not in html and "unknown without labels" in html
 
 
 def test_report_command_and_evaluate(predicted, capsys):

@@ -289,7 +289,9 @@ def build_report(inputs: ReportInputs) -> str:
     figs = "".join(f'<figure class="plot"><img src="{uri}" alt="{esc(cap)}"><figcaption>{esc(cap)}</figcaption>'
                    f"</figure>" for cap, uri in figures(inputs))
     how = inputs.threshold_note or det.get("threshold_method", "")
-    threshold = vd.threshold_sentence(inputs.threshold, ev, how, det.get("false_positives"))
+    # The detector's record covers its own threshold only, not one given with --threshold.
+    own = inputs.threshold is not None and inputs.threshold == det.get("threshold")
+    threshold = vd.threshold_sentence(inputs.threshold, ev, how, det.get("false_positives") if own else None)
     label_col = "<th data-sort=label data-type=num>label</th>" if inputs.labels is not None else ""
     group_col = "<th data-sort=group data-type=text>patient</th>" if inputs.groups is not None else ""
     label_filter = ("<label>label <select id=f-label><option value=all>all</option><option value=1>used</option>"
