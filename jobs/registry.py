@@ -83,10 +83,10 @@ LOCK_SETTLE_S = 0.25
 METRIC_TAG = "metric."
 """Prefix of the model-version tags that copy the detector's validation metrics (so promotion needs no run lookups)."""
 SPLIT_TAG = "split_sha256"
+"""Model-version tag: hash of the validation ids, so promotion compares versions on the same locked split."""
 FPR_BOUND_TAG = "fpr_bound"
 """Version tag: the 95% upper bound on the false-positive rate its threshold showed at fitting (meta.json's
 false_positives.bound); absent for detectors saved before it was recorded."""
-"""Model-version tag: hash of the validation ids, so promotion compares versions on the same locked split."""
 DETECTOR_ARTIFACT = "detector"
 """Name of the pyfunc artifact that holds the detector folder."""
 

@@ -188,9 +188,12 @@ def load_fit(config: TrainConfig) -> Any:
 
 def load_data(config: TrainConfig, fit_data: Any = None) -> Any:
     """The triplet loop's TrainingData on that same split."""
+    from fingerprint.detectors import check_decision
     from fingerprint.detectors.triplet.training import training_data
 
-    return training_data(fit_data if fit_data is not None else load_fit(config))
+    fd = fit_data if fit_data is not None else load_fit(config)
+    check_decision(fd, config.threshold_method, config.target_fpr)  # before any epoch, not after
+    return training_data(fd)
 
 
 def load_state(folder: str | Path) -> dict[str, Any] | None:

@@ -112,8 +112,9 @@ def test_benchmark_end_to_end(sample_bench: Path, data: FitData, tmp_path: Path)
     assert res["goals"]["memorisation"]["verdict"] in md
     flagged = sum(r[1] == "1" for r in rows)
     assert re.search(r"Decisions of `best` \(threshold on the training folds: max F1\): out of fold, first repeat, "
-                     r"they flag \d+ of \d+ dev not-used images \(\d+%, wrongly accused; in \d+ of \d+ patients, "
-                     r"so with 95% confidence at most \d+% of new not-used images like them\) and \d+ of \d+ used ones "
+                     r"they flag \d+ of \d+ dev not-used images \(\d+%, wrongly accused; in \d+ of \d+ pseudo-patient "
+                     r"groups, so with 95% confidence these fold thresholds flag at most \d+% of new not-used images "
+                     r"like them\) and \d+ of \d+ used ones "
                      rf"\(\d+%\)\. `submission.csv` flags {flagged} of {len(rows)} test images\.", md)
     command = (out / "COMMAND.md").read_text()
     assert "fingerprint benchmark" in command and "--weights-dir none" in command and "Runtime:" in command

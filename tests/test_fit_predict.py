@@ -11,6 +11,7 @@ from fingerprint.commands import evaluate as evaluate_cmd
 from fingerprint.commands import fit as fit_cmd
 from fingerprint.commands import predict as predict_cmd
 from fingerprint.config import ConfigError
+from fingerprint.data.imagesets import load_fit_data
 from fingerprint.detectors import load_detector
 
 
@@ -34,6 +35,17 @@ def test_fit_saves_a_detector_with_validation_metrics_on_a_locked_split(fitted, 
     # What the threshold did to the training not-used images is saved with it and loads back typed.
     fp = load_detector(out).meta.false_positives
     assert fp == det.meta.false_positives and meta["false_positives"]["bound"] == fp.bound >= fp.rate
+    # 'best' chooses its members on the training labels: its record comes from the held-out images instead.
+    assert fp.held_out and not fp.in_sample and fp.threshold == det.threshold
+    cfg = fit_cmd.FitConfig()
+    data = load_fit_data(str(sample_bench), cfg.val_fraction, cfg.seed)
+    assert fp.not_used == int((data.labels[data.val] == 0).sum()) > 0
+    # A detector saved before the record existed still loads, without one.
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    meta.pop("false_positives")
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert load_detector(old).meta.false_positives is None
 
 
 def test_fit_with_a_bounded_false_positive_rate_or_a_clear_refusal(sample_bench, tmp_path, capsys):

@@ -69,7 +69,7 @@ def test_versions_of_two_kinds_download_as_detector_folders(store, detectors, tm
     assert registry.version_metrics(mv)["val_auc"] == pytest.approx(meta["metrics"]["val_auc"])
     assert "kind pixel" in mv.description and '"metric": "ncc"' in mv.description
     fp = meta["false_positives"]
-    assert f"at fitting, it flagged {fp['flagged']} of {fp['not_used']} labelled not-used images" in mv.description
+    assert f"flagged {fp['flagged']} of {fp['not_used']} labelled not-used images" in mv.description
 
     registry.set_alias("fp", "champion", v2, reason="first", metrics={"val_auc": 0.5})
     got, folder = registry.download_detector("fp", "champion", tmp_path / "dl")

@@ -166,8 +166,8 @@ def test_predict_without_labels_writes_no_report(predicted, tmp_path):
                      "--out", str(tmp_path / "m.html"), "--n-boot", "50"]) == 0
     html = (tmp_path / "m.html").read_text()
     fp = load_detector(predicted["det"]).meta.false_positives
-    assert (f"these images have no labels; when the detector was fitted, it flagged {fp.flagged} of {fp.not_used} "
-            "labelled not-used images") in html
+    assert (f"these images have no labels; when the detector was fitted, threshold {fp.threshold:.4g} flagged "
+            f"{fp.flagged} of {fp.not_used} labelled not-used images") in html
     assert f"at most {fp.bound:.1%}" in html
     # Another threshold than the detector's: its record does not cover it, so the report does not claim it.
     assert cli.main(["report", "--scores", str(tmp_path / "p"), "--data", str(data), "--model", str(predicted["det"]),

@@ -160,6 +160,14 @@ def test_resume_needs_a_run(sample_bench, tiny_train_kwargs, tmp_path, capsys):
     assert not (tmp_path / "empty").exists()
 
 
+def test_an_unmeetable_decision_rule_is_refused_before_training(sample_bench, tiny_train_kwargs, tmp_path, capsys):
+    args = [*flags(sample_bench, tiny_train_kwargs, tmp_path / "run"), "--threshold-method", "fpr_bound"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--threshold-method fpr_bound" in err and "at least 59 groups" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoint").exists() and not (tmp_path / "run" / "history.json").exists()
+
+
 def test_interrupt_of_other_commands_is_one_line(capsys):
     @dataclasses.dataclass
     class Nothing:

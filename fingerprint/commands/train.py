@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fingerprint.config import ConfigError, TrainConfig, flag, from_dict, save_json, subset, to_dict, validate
+from fingerprint.detectors.base import check_decision
 from fingerprint.detectors.triplet.checkpoint import load_training_state
 from fingerprint.detectors.triplet.training import (
     EpochEnd,
@@ -127,6 +128,8 @@ def main(config: TrainConfig | TrainRunConfig, *, on_epoch: Callable[[EpochEnd],
 def _train(config: TrainConfig, out: Path, state: dict[str, Any] | None, done: list[int],
            on_epoch: Callable[[EpochEnd], None] | None) -> Path:
     data = load_training_data(config)
+    if data.source is not None:
+        check_decision(data.source, config.threshold_method, config.target_fpr)
     if state is not None:
         saved_split = json.loads((out / "checkpoint" / "meta.json").read_text()).get("split")
         if saved_split is not None and saved_split != data.split:

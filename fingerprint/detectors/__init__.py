@@ -16,6 +16,7 @@ from fingerprint.detectors.base import (
     DetectorMeta,
     FitData,
     Scores,
+    check_decision,
     create_detector,
     finish_fit,
     fit_detector,
@@ -99,7 +100,8 @@ def needs_recipe(name: str) -> bool:
 
 __all__ = [
     "PRESETS", "preset_settings", "resolve_settings", "needs_recipe", "Detector", "DetectorMeta", "FitData", "Scores",
-    "create_detector", "fit_detector", "finish_fit", "is_detector_dir", "kind", "kinds", "load_detector", "register",
+    "check_decision", "create_detector", "fit_detector", "finish_fit", "is_detector_dir", "kind", "kinds",
+    "load_detector", "register",
     "FeatureNN", "PixelNN", "GradientNN", "SubspaceNN", "CalibratedNN", "DomainClassifier", "SSIMNN", "FrozenNN",
     "TripletNN", "RankEnsemble", "SelectedEnsemble", "ShadowNN",
 ]

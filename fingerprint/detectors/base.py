@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCHEMA_VERSION", "Detector", "DetectorMeta", "FitData", "Scores", "register", "kinds", "kind",
-    "create_detector", "fit_detector", "finish_fit", "load_detector", "is_detector_dir", "threshold_for",
+    "create_detector", "fit_detector", "finish_fit", "check_decision", "load_detector", "is_detector_dir",
+    "threshold_for",
 ]
 
 SCHEMA_VERSION = 1
@@ -141,9 +142,9 @@ class DetectorMeta:
     """How the threshold was set: 'fpr' (at most a target share of the training not-used images flagged),
     'fpr_bound' (the same share as an upper confidence bound) or 'max_f1'."""
     false_positives: FalsePositives | None = None
-    """What the threshold did to the training not-used images, with a confidence bound on the false-positive
-    rate of new ones (None in detectors saved before it was recorded). For kinds that learn from labels those
-    images' scores are in-sample, so the bound is optimistic; the validation metrics check it."""
+    """What the threshold did to labelled not-used images, with a confidence bound on the false-positive rate of
+    new ones (None in detectors saved before it was recorded): the training images, or for kinds that learn from
+    labels the held-out ones (the training ones, marked optimistic, when nothing is held out)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Validation metrics (val_auc, val_f1, ...) on the held-out split; empty without one."""
     split: dict[str, list[str]] = field(default_factory=dict)
@@ -383,8 +384,18 @@ def fit_detector(name: str, settings: Any, data: FitData, *, threshold_method: s
                  target_fpr: float = TARGET_FPR, progress: bool = False) -> Detector:
     """Fit kind ``name`` on ``data``: learn and index, threshold from the training labels, metrics on ``val``."""
     det = create_detector(name, settings)
+    check_decision(data, threshold_method, target_fpr)
     det.fit(data, progress=progress)
     return finish_fit(det, data, threshold_method=threshold_method, target_fpr=target_fpr)
+
+
+def check_decision(data: FitData, threshold_method: str, target_fpr: float) -> None:
+    """Refuse before any learning a decision rule these labels cannot meet (``fpr_bound`` with too few not-used
+    groups), rather than after hours of training."""
+    if threshold_method == "fpr_bound":
+        from fingerprint.evaluation.thresholds import require_groups_for_bound
+
+        require_groups_for_bound(data.labels[data.train], data.groups[data.train], target_fpr)
 
 
 def finish_fit(det: Detector, data: FitData, *, threshold_method: str = THRESHOLD_METHOD,
@@ -406,14 +417,21 @@ def finish_fit(det: Detector, data: FitData, *, threshold_method: str = THRESHOL
     det.meta.threshold = float(det.choose_threshold(y_train, scores.take(np.arange(len(data.train))),
                                                     threshold_method, target_fpr, g_train))
     det.meta.threshold_method = threshold_method
-    det.meta.false_positives = false_positives(y_train, s_train, det.meta.threshold, g_train)
     det.meta.split = data.split
     det.meta.metrics = {}
-    if len(data.val):
-        y_val = data.labels[data.val]
-        if len(np.unique(y_val)) == 2:
-            m = all_metrics(y_val, scores.score[len(data.train):], threshold=det.meta.threshold)
-            det.meta.metrics = {f"val_{k}": float(v) for k, v in m.items()}
+    y_val = data.labels[data.val]
+    held_out = len(data.val) > 0 and len(np.unique(y_val)) == 2
+    # A kind that learnt from the training labels scores those images in-sample: its record comes from the
+    # held-out images where there are some, and says it is optimistic where there are none.
+    if det.learns and held_out:
+        det.meta.false_positives = false_positives(y_val, scores.score[len(data.train):], det.meta.threshold,
+                                                   data.groups[data.val], held_out=True)
+    else:
+        det.meta.false_positives = false_positives(y_train, s_train, det.meta.threshold, g_train,
+                                                   in_sample=det.learns)
+    if held_out:
+        m = all_metrics(y_val, scores.score[len(data.train):], threshold=det.meta.threshold)
+        det.meta.metrics = {f"val_{k}": float(v) for k, v in m.items()}
     # Small pictures of the gallery, saved beside it, so a decision's nearest generated images can be shown.
     keep = set(det.gallery_ids) or set(data.generated_ids)
     rows = [i for i, g in enumerate(data.generated_ids) if g in keep]

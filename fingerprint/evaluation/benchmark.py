@@ -607,8 +607,9 @@ def decisions_text(config: BenchmarkConfig, run: Run, y: np.ndarray, flagged_tes
     rule = threshold_text(config.threshold_method, config.target_fpr, ssim=run.detector.kind == "ssim")
     text = (f"Decisions of `{run.detector.name}` (threshold on the training folds: {rule}): out of fold, first "
             f"repeat, they flag {fp} of {int(neg.sum())} dev not-used images ({fp / max(neg.sum(), 1):.0%}, "
-            f"wrongly accused; in {bound.flagged_groups} of {bound.groups} patients, so with "
-            f"{bound.confidence:.0%} confidence at most {bound.bound:.0%} of new not-used images like them) and "
+            f"wrongly accused; in {bound.flagged_groups} of {bound.groups} pseudo-patient groups, so with "
+            f"{bound.confidence:.0%} confidence these fold thresholds flag at most {bound.bound:.0%} of new "
+            "not-used images like them) and "
             f"{tp} of {int(pos.sum())} used ones ({tp / max(pos.sum(), 1):.0%}).")
     if flagged_test is not None:
         text += f" `submission.csv` flags {flagged_test[0]} of {flagged_test[1]} test images."

@@ -15,6 +15,9 @@ def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarr
         raise ValueError(f"labels {labels.shape} and scores {scores.shape} must be 1-D of the same length")
     if not (np.any(labels == 1) and np.any(labels == 0)):
         raise ValueError("a threshold from labels needs both used (1) and not-used (0) images")
+    if np.isnan(scores).any():
+        raise ValueError(f"{int(np.isnan(scores).sum())} of {scores.size} scores are NaN: the detector failed on "
+                         "those images; a threshold from them would be meaningless")
     return labels, scores
 
 
@@ -75,6 +78,8 @@ FPR_CONFIDENCE = 0.95
 class FalsePositives:
     """How often a threshold flagged labelled not-used images, and what that shows about new ones."""
 
+    threshold: float
+    """The threshold this record is about; another threshold is not covered by it."""
     not_used: int
     """Labelled not-used images the threshold was checked on."""
     groups: int
@@ -86,16 +91,28 @@ class FalsePositives:
     rate: float
     """flagged / not_used: the observed false-positive rate."""
     bound: float
-    """One-sided upper confidence bound on the false-positive rate for new not-used images drawn like these. It
-    counts groups, not images (a group is flagged when any of its images is), because neighbouring slices of one
-    patient are not independent evidence; an image-level bound would promise too much."""
+    """One-sided upper confidence bound on the false-positive rate for new not-used images drawn like these,
+    scored against the same generated images. It counts groups, not images (a group is flagged when any of its
+    images is), because neighbouring slices of one patient are not independent evidence: that bounds the rate
+    averaged over patients, provided no patient is split across groups. It is never below the bound counting
+    images, which guards the pooled rate when large groups are flagged (approximately: images of a group are not
+    independent)."""
     confidence: float = FPR_CONFIDENCE
     """Confidence level of ``bound``."""
+    in_sample: bool = False
+    """True when the detector learnt from these very images (a kind that reads labels, with nothing held out):
+    their scores are lower than new images' would be, so ``rate`` and ``bound`` are optimistic."""
+    held_out: bool = False
+    """True when these are the held-out validation images (not the ones the threshold was set on)."""
 
     def sentence(self) -> str:
-        return (f"it flagged {self.flagged} of {self.not_used} labelled not-used images ({self.rate:.1%}; "
-                f"{self.flagged_groups} of {self.groups} patients), so with {self.confidence:.0%} confidence its "
-                f"false-positive rate on new not-used images like those is at most {self.bound:.1%}")
+        which = "held-out labelled not-used images" if self.held_out else "labelled not-used images"
+        caveat = (" (optimistic: the detector learnt from those images, so new ones score higher)"
+                  if self.in_sample else "")
+        return (f"threshold {self.threshold:.4g} flagged {self.flagged} of {self.not_used} {which} "
+                f"({self.rate:.1%}; {self.flagged_groups} of {self.groups} pseudo-patient groups), so with "
+                f"{self.confidence:.0%} confidence its false-positive rate on new not-used images like those is at "
+                f"most {self.bound:.1%}{caveat}")
 
 
 def as_false_positives(value: FalsePositives | Mapping[str, Any]) -> FalsePositives:
@@ -139,21 +156,41 @@ def _bound(flagged: np.ndarray, n: int, flagged_groups: np.ndarray, g: int, conf
 
 
 def false_positives(labels: np.ndarray, scores: np.ndarray, threshold: float, groups: np.ndarray | None = None,
-                    confidence: float = FPR_CONFIDENCE) -> FalsePositives:
-    """What ``threshold`` (decision: score >= threshold) does to the labelled not-used images, with its bound."""
+                    confidence: float = FPR_CONFIDENCE, **facts: bool) -> FalsePositives:
+    """What ``threshold`` (decision: score >= threshold) does to the labelled not-used images, with its bound;
+    ``facts``: ``in_sample``, ``held_out``."""
     labels, scores = _check(labels, scores)
     gmax = _group_maxima(labels, scores, groups)
     flagged, fg = int((scores[labels == 0] >= threshold).sum()), int((gmax >= threshold).sum())
     n = int((labels == 0).sum())
-    return FalsePositives(not_used=n, groups=len(gmax), flagged=flagged, flagged_groups=fg, rate=flagged / n,
+    return FalsePositives(threshold=float(threshold), not_used=n, groups=len(gmax), flagged=flagged,
+                          flagged_groups=fg, rate=flagged / n,
                           bound=float(_bound(np.array(flagged), n, np.array(fg), len(gmax), confidence)),
-                          confidence=confidence)
+                          confidence=confidence, **facts)
 
 
 def groups_needed(target_fpr: float, confidence: float = FPR_CONFIDENCE) -> int:
     """Fewest not-used groups that can bound the false-positive rate by ``target_fpr`` (none of them flagged)."""
+    if not 0 < target_fpr < 1:
+        raise ValueError(f"--target-fpr: must be in (0, 1) (got {target_fpr})")
     # Zero flagged of n bounds the rate by 1 - (1 - confidence)^(1/n).
     return int(np.ceil(np.log(1 - confidence) / np.log(1 - target_fpr) - 1e-9))
+
+
+def require_groups_for_bound(labels: np.ndarray, groups: np.ndarray | None, target_fpr: float,
+                             confidence: float = FPR_CONFIDENCE) -> None:
+    """Raise the ``fpr_bound`` refusal before any work when these labels have too few not-used groups for it."""
+    labels = np.asarray(labels)
+    neg = labels == 0
+    n = int(neg.sum())
+    g = n if groups is None else len(np.unique(np.asarray(groups)[neg]))
+    need = groups_needed(target_fpr, confidence)
+    if g < need:
+        raise ValueError(
+            f"--threshold-method fpr_bound: {n} labelled not-used images in {g} pseudo-patient groups cannot show "
+            f"a false-positive rate of at most {target_fpr:.2g} with {confidence:.0%} confidence even if none is "
+            f"flagged; that needs at least {need} groups. Label more not-used images, raise --target-fpr, or use "
+            "--threshold-method fpr (which sets the observed rate only)")
 
 
 def threshold_at_fpr_bound(labels: np.ndarray, scores: np.ndarray, target_fpr: float,
@@ -164,6 +201,7 @@ def threshold_at_fpr_bound(labels: np.ndarray, scores: np.ndarray, target_fpr: f
     cannot show that a rate is low, so this refuses (``ValueError``) when even flagging none would not.
     """
     labels, scores = _check(labels, scores)
+    require_groups_for_bound(labels, groups, target_fpr, confidence)
     neg = np.sort(scores[labels == 0])
     gmax = np.sort(_group_maxima(labels, scores, groups))
     # Candidates: just above each not-used score, highest first (the first flags none).
@@ -171,11 +209,7 @@ def threshold_at_fpr_bound(labels: np.ndarray, scores: np.ndarray, target_fpr: f
     flagged = neg.size - np.searchsorted(neg, cuts, side="left")
     flagged_groups = gmax.size - np.searchsorted(gmax, cuts, side="left")
     ok = _bound(flagged, neg.size, flagged_groups, gmax.size, confidence) <= target_fpr
-    if not ok[0]:
-        raise ValueError(
-            f"--threshold-method fpr_bound: {neg.size} labelled not-used images in {gmax.size} pseudo-patient "
-            f"groups cannot show a false-positive rate of at most {target_fpr:.0%} with {confidence:.0%} "
-            f"confidence even if none is flagged; that needs at least {groups_needed(target_fpr, confidence)} "
-            "groups. Label more not-used images, raise --target-fpr, or use --threshold-method fpr (which sets "
-            "the observed rate only)")
+    if not ok[0]:  # only at the rounding edge of groups_needed
+        raise ValueError(f"--threshold-method fpr_bound: {gmax.size} not-used groups cannot show {target_fpr:.2g}; "
+                         "raise --target-fpr or label more not-used images")
     return float(cuts[int(np.flatnonzero(ok).max())])  # valid cuts are a prefix: the bound falls as t rises
