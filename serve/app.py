@@ -540,8 +540,11 @@ class FingerprintService:
             "description": det.describe(), "settings": det.meta.settings,
             "metrics": _finite(det.meta.metrics), "threshold": state.threshold,
             "detector_threshold": det.threshold, "threshold_method": det.meta.threshold_method,
-            # At the detector's own threshold; a user_config threshold is not covered by it.
+            # At the detector's own threshold and images: a user_config threshold, gallery or reference pool is
+            # not covered by it, and false_positives_apply says so.
             "detector_false_positives": to_dict(det.meta.false_positives) if det.meta.false_positives else None,
+            "false_positives_apply": bool(det.meta.false_positives) and state.threshold == det.threshold
+            and not cfg.gallery and not cfg.reference,
             "signal": det.meta.signal, "created_at": det.meta.created_at,
             "source": info["source"], "run_id": info.get("run_id"), "arrays_sha256": info["arrays_sha256"],
             "loaded_at": info["loaded_at"], "load_seconds": info["load_seconds"],

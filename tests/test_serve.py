@@ -136,6 +136,7 @@ def test_health_model_info_and_openapi(service, detectors):
     assert info["threshold"] == pytest.approx(det.threshold) and info["signal"] == "per_image"
     assert info["metrics"]["val_auc"] == pytest.approx(det.meta.metrics["val_auc"])
     assert info["detector_false_positives"]["bound"] == pytest.approx(det.meta.false_positives.bound)
+    assert info["false_positives_apply"] is True  # the detector's own threshold and gallery
     assert info["settings"]["backbone"] == "mobilenetv2_100" and info["source"] == str(detectors["triplet"])
     # The saved index is served: nothing was re-embedded at start.
     assert info["gallery"] == {"size": 96, "source": "detector"} and info["reference"]["size"] == len(det.reference_ids)
