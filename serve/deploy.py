@@ -82,6 +82,14 @@ def dashboard_address(address: str | None = None) -> str:
     return (address if "://" in address else f"http://{address}").rstrip("/")
 
 
+class RestError(RuntimeError):
+    """The Serve REST API answered with an HTTP error (``status``)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def _rest(method: str, address: str | None, body: dict[str, Any] | None = None, timeout_s: float = 30.0) -> Any:
     url = dashboard_address(address) + API_PATH
     data = None if body is None else json.dumps(body).encode()
@@ -93,7 +101,7 @@ def _rest(method: str, address: str | None, body: dict[str, Any] | None = None, 
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 (an http URL we build)
             text = resp.read().decode()
     except urllib.error.HTTPError as e:
-        raise RuntimeError(f"{method} {url}: HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}") from e
+        raise RestError(f"{method} {url}: HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}", e.code) from e
     except urllib.error.URLError as e:
         raise RuntimeError(f"{method} {url}: no Ray dashboard answers there ({e.reason}); start Ray with its "
                            f"dashboard (`ray start --head`) or set {DASHBOARD_ENV}") from e
@@ -118,7 +126,19 @@ def check_config(config: dict[str, Any]) -> None:
 def deploy_config(config: dict[str, Any], address: str | None = None, timeout_s: float = 180.0) -> None:
     """Apply a Serve config (what `serve deploy` does) on the Ray instance at `address`; wait until RUNNING."""
     check_config(config)
-    _rest("PUT", address, config)
+    # The first PUT starts Serve's controller and proxy before it answers. On a busy machine that outlasted both
+    # the 30 s a status read gets and the dashboard's own wait (HTTP 500), while the controller went on starting:
+    # the deploy's limit applies, and applying the same config again is harmless, so a server error is retried.
+    start = time.monotonic()
+    while True:
+        try:
+            _rest("PUT", address, config, timeout_s=timeout_s)
+            break
+        except RestError as e:
+            if e.status < 500 or time.monotonic() - start > timeout_s:
+                raise
+            log.warning("Serve deploy answered HTTP %d; retrying until %.0f s have passed", e.status, timeout_s)
+            time.sleep(2.0)
     wait_running([app["name"] for app in config["applications"]], address, timeout_s)
 
 
