@@ -346,6 +346,19 @@ def test_hot_swap_to_another_kind_under_traffic(service, detectors, sample_bench
     assert all(0.0 <= x["score"] <= 1.0 for x in body["results"])  # mean ranks within the reference pool
 
 
+def test_a_threshold_override_is_not_covered_by_the_detectors_record(service):
+    c = service["client"]
+    service["reload"](threshold=0.25)
+    info = c.get("/v1/model").json()
+    assert info["threshold"] == 0.25 != info["detector_threshold"]
+    # The record names the threshold it covers, and the service says it does not cover the one in use.
+    assert info["detector_false_positives"]["threshold"] == info["detector_threshold"]
+    assert info["false_positives_apply"] is False
+    service["reload"](threshold=None)
+    info = c.get("/v1/model").json()
+    assert info["threshold"] == info["detector_threshold"] and info["false_positives_apply"] is True
+
+
 def test_failed_reload_keeps_serving(service, real_images, tmp_path):
     c = service["client"]
     service["reload"](detector=str(tmp_path / "no-such-detector"))
