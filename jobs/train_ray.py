@@ -188,12 +188,9 @@ def load_fit(config: TrainConfig) -> Any:
 
 def load_data(config: TrainConfig, fit_data: Any = None) -> Any:
     """The triplet loop's TrainingData on that same split."""
-    from fingerprint.detectors import check_decision
     from fingerprint.detectors.triplet.training import training_data
 
-    fd = fit_data if fit_data is not None else load_fit(config)
-    check_decision(fd, config.threshold_method, config.target_fpr)  # before any epoch, not after
-    return training_data(fd)
+    return training_data(fit_data if fit_data is not None else load_fit(config))
 
 
 def load_state(folder: str | Path) -> dict[str, Any] | None:
@@ -364,8 +361,11 @@ def run_training(
     """
     import mlflow
 
+    from fingerprint.detectors import check_decision
     from jobs import registry, tracking
 
+    fd = load_fit(config)
+    check_decision(fd, config.threshold_method, config.target_fpr)  # before any run or epoch, not after
     track = config.tracking_uri != NONE
     run_out = Path(config.out) / config.run_name
     with contextlib.ExitStack() as stack:
@@ -387,7 +387,6 @@ def run_training(
         epoch = int(metrics.get("epoch", json.loads((local / "meta.json").read_text()).get("epoch", -1)))
         log.info("%s: selected epoch %d (%s=%s) from %s", config.run_name, epoch, config.select_metric,
                  metrics.get(config.select_metric), checkpoint.path)
-        fd = load_fit(config)
         detector = build_detector(config, local, fd)
         detector_dir = detector.save(run_out / "detector")
         reports = write_run_reports(run_out, detector, config, _latest_history(result) or [], fd)

@@ -46,6 +46,15 @@ def test_run_names_are_stable_and_follow_the_settings(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.usefixtures("ray_local")
+def test_an_unmeetable_decision_rule_is_refused_before_any_run(sample_bench, tiny_train_kwargs, tmp_path):
+    cfg = train_ray.resolved(RayTrainConfig(
+        data=str(sample_bench), out=str(tmp_path / "out"), storage_path=str(tmp_path / "ray"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", threshold_method="fpr_bound", **tiny_train_kwargs))
+    with pytest.raises(ValueError, match=r"fpr_bound: .* at least 59 groups"):
+        train_ray.run_training(cfg)  # before Ray Train or MLflow are touched: neither is started here
+    assert not any(tmp_path.iterdir())
+
+
 def test_train_ray_tracks_registers_and_resumes(sample_bench, tiny_train_kwargs, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = RayTrainConfig(data=str(sample_bench), out=str(tmp_path / "out"), storage_path=str(tmp_path / "ray"),
