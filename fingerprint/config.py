@@ -71,10 +71,10 @@ class DecisionConfig:
     threshold_method: Literal["max_f1", "fpr", "fpr_bound"] = "fpr"
     """Decision threshold from the training labels. 'fpr' (default): flag only images scoring above all but
     --target-fpr of the labelled not-used images, so the share of innocent images wrongly flagged is what is set.
-    'fpr_bound': stricter, --target-fpr is a 95% upper confidence bound counted over patients, so a small labelled
-    set gives a high threshold (or an error naming how many not-used patients it needs). 'max_f1' maximises F1
-    (the ImageCLEF 2023 metric); where memorisation is weak, the best F1 is reached by flagging nearly every
-    image, innocent ones included. Whichever is chosen, the fitted detector records the bound its threshold
+    'fpr_bound': stricter, --target-fpr is a 95% upper confidence bound counted over pseudo-patient groups, so a
+    small labelled set gives a high threshold (or an error naming how many not-used groups it needs). 'max_f1'
+    maximises F1 (the ImageCLEF 2023 metric); where memorisation is weak, the best F1 is reached by flagging
+    nearly every image, innocent ones included. Whichever is chosen, the fitted detector records the bound its threshold
     reaches."""
     target_fpr: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.05
     """Target false-positive rate for --threshold-method fpr and fpr_bound."""

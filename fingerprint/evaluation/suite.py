@@ -521,7 +521,8 @@ def evaluate_benchmark(config: SuiteConfig, bench: Bench, out: Path) -> dict[str
                 "product_decisions": (s.score >= product_threshold).astype(np.int64).tolist(),
                 "product_threshold": product_threshold,
                 "product_dev_not_used_flagged": product_fp.rate,
-                # What that rate on the dev set can promise about new images: the bound, counted over patients.
+                # What that rate on the dev set can promise about new images: the bound, counted over
+                # pseudo-patient groups.
                 "product_false_positives": to_dict(product_fp),
             },
             "notes": run_.notes,
@@ -870,8 +871,8 @@ def markdown(config: SuiteConfig, rep: dict[str, Any], extras: list[dict[str, An
         f"'{THRESHOLD_METHOD} rule': the same at the product's default threshold "
         f"({threshold_text(THRESHOLD_METHOD, TARGET_FPR, ssim=False)} of B's dev labels; the rule of `fit`, the "
         "registry and the service); '(bound X%)' after it: the 95% upper bound on the false-positive rate that "
-        "the dev not-used images show at that threshold, counted over patients, as every fitted detector records "
-        "it (absent from results cached before it was recorded). "
+        "the dev not-used images show at that threshold, counted over pseudo-patient groups, as every fitted "
+        "detector records it (absent from results cached before it was recorded). "
         f"Memorisation '{NULL_LEVEL}': a null control, whose generator trained on other images than those "
         "labelled used, so every image flagged there is a false accusation and no baseline goal applies; nulls "
         "are held out like the others but never chosen on.",
